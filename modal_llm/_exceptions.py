@@ -136,7 +136,22 @@ class TransportError(ModalLLMError):
 
 
 class ConnectError(TransportError):
-    """The connection failed or dropped before a complete reply arrived."""
+    """The connection failed or dropped before a complete reply arrived.
+
+    ``before_response`` is True when no response byte had arrived, which makes it safe
+    to retry; a reply cut short after its headers is not retried.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        before_response: bool = True,
+        url: object = None,
+        attempts: int | None = None,
+    ) -> None:
+        super().__init__(message, url=url, attempts=attempts)
+        self.before_response = before_response
 
 
 class EndpointTimeoutError(TransportError, TimeoutError):
@@ -180,7 +195,10 @@ class ResultPendingError(RedirectError):
 
 
 class StatusError(ModalLLMError):
-    """The endpoint answered with a non-2xx status."""
+    """The endpoint answered with a non-2xx status.
+
+    ``retry_after`` is the server's Retry-After hint in seconds, when it sent one.
+    """
 
     def __init__(
         self,
@@ -189,10 +207,12 @@ class StatusError(ModalLLMError):
         reason: str = "",
         body: bytes | str = b"",
         headers: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
         url: object = None,
         attempts: int | None = None,
     ) -> None:
         self.status_code = status_code
+        self.retry_after = retry_after
         self.reason = reason
         self.body_excerpt = excerpt(body)
         self.headers: dict[str, str] = redact_headers(headers or {})
@@ -208,10 +228,6 @@ class AuthenticationError(StatusError):
 
 class RateLimitError(StatusError):
     """429: the endpoint is saturated. ``retry_after`` is the server's hint in seconds."""
-
-    def __init__(self, *, retry_after: float | None = None, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.retry_after = retry_after
 
     def _detail(self) -> str:
         hint = "" if self.retry_after is None else f"(retry after {self.retry_after:g}s) "
@@ -281,3 +297,14 @@ class ServerStreamError(StreamError):
     ) -> None:
         super().__init__(message, partial_text=partial_text, url=url, attempts=attempts)
         self.server_message = server_message
+
+
+def status_error_class(status_code: int) -> type[StatusError]:
+    """The narrowest ``StatusError`` subclass for a status (the one place that maps them)."""
+    if status_code in (401, 403):
+        return AuthenticationError
+    if status_code == 429:
+        return RateLimitError
+    if status_code >= 500:
+        return ServerError
+    return StatusError

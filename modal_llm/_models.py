@@ -59,6 +59,4 @@ def parse_reply(body: bytes, *, status_code: int | None = None, url: object = No
     try:
         return Completion.model_validate_json(body)
     except ValidationError as exc:
-        raise ContractError(
-            _describe(exc), status_code=status_code, body=body, url=url
-        ) from None
+        raise ContractError(_describe(exc), status_code=status_code, body=body, url=url) from None

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 JSONObject = dict[str, Any]
 """A decoded JSON object: the request body or the endpoint's full reply."""
 
-HeaderTypes = Union[Mapping[str, str], None]
+HeaderTypes = Mapping[str, str] | None
 """Extra HTTP headers, per client or per call."""
 
-StopTypes = Union[str, "list[str]", "tuple[str, ...]", None]
+StopTypes = str | list[str] | tuple[str, ...] | None
 """Stop sequences: one string, a list of strings, or none."""
 
 __all__ = ["HeaderTypes", "JSONObject", "StopTypes"]

@@ -1,0 +1,91 @@
+"""modal-llm: a fast, typed, asyncio-first client for LLM web endpoints on Modal.
+
+Usage::
+
+    from modal_llm import AsyncClient
+
+    async with AsyncClient("https://me--llm-web.modal.run") as client:
+        print(await client.generate("Identify yourself, bot!"))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._client import AsyncClient
+from ._config import (
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_MAX_REDIRECTS,
+    DEFAULT_MAX_REPLY_BYTES,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_RETRY_STATUSES,
+    DEFAULT_TIMEOUT,
+    USE_CLIENT_DEFAULT,
+    ClientOptions,
+    RetryPolicy,
+    Timeout,
+)
+from ._exceptions import (
+    AuthenticationError,
+    ClientClosedError,
+    ConfigError,
+    ConnectError,
+    ContractError,
+    EndpointTimeoutError,
+    ModalLLMError,
+    RateLimitError,
+    RedirectError,
+    ReplyTooLargeError,
+    ResultPendingError,
+    ServerError,
+    ServerStreamError,
+    StatusError,
+    StreamError,
+    StreamInterruptedError,
+    TransportError,
+)
+from ._models import Completion
+
+__all__ = [
+    "DEFAULT_MAX_CONCURRENCY",
+    "DEFAULT_MAX_REDIRECTS",
+    "DEFAULT_MAX_REPLY_BYTES",
+    "DEFAULT_MAX_RETRIES",
+    "DEFAULT_RETRY_STATUSES",
+    "DEFAULT_TIMEOUT",
+    "USE_CLIENT_DEFAULT",
+    "AsyncClient",
+    "AuthenticationError",
+    "ClientClosedError",
+    "ClientOptions",
+    "Completion",
+    "ConfigError",
+    "ConnectError",
+    "ContractError",
+    "EndpointTimeoutError",
+    "ModalLLMError",
+    "RateLimitError",
+    "RedirectError",
+    "ReplyTooLargeError",
+    "ResultPendingError",
+    "RetryPolicy",
+    "ServerError",
+    "ServerStreamError",
+    "StatusError",
+    "StreamError",
+    "StreamInterruptedError",
+    "Timeout",
+    "TransportError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Served lazily so that importing the package never reads distribution metadata.
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("modal-llm")
+        except PackageNotFoundError:
+            return "0.0.0+unknown"
+    raise AttributeError(f"module 'modal_llm' has no attribute {name!r}")

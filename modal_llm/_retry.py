@@ -1,0 +1,163 @@
+"""Retry decisions and backoff. The only module that imports tenacity.
+
+The decisions (``is_retryable``, ``parse_retry_after``) are pure functions over our own
+errors and headers. ``retry_call`` runs the retries with ``tenacity.AsyncRetrying`` and
+hides it: callers see their own exception with ``.attempts`` set, never ``RetryError``.
+
+The first attempt runs outside tenacity (see ``AsyncClient``); tenacity is only built once
+something failed, so a request that succeeds costs nothing here.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import tenacity as _t
+
+from ._config import RetryPolicy
+from ._exceptions import (
+    ConnectError,
+    EndpointTimeoutError,
+    ModalLLMError,
+    StatusError,
+)
+
+__all__ = ["is_retryable", "parse_retry_after", "retry_call"]
+
+log = logging.getLogger("modal_llm")
+
+T = TypeVar("T")
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds the server asks us to wait: ``retry-after-ms``, then ``Retry-After`` in
+    seconds or as an HTTP date. ``None`` when absent or unreadable."""
+    ms = headers.get("retry-after-ms") or headers.get("Retry-After-Ms")
+    if ms:
+        try:
+            value = float(ms) / 1000.0
+        except ValueError:
+            value = -1.0
+        if value >= 0 and value == value:  # NaN is not a delay
+            return value
+    raw = headers.get("retry-after") or headers.get("Retry-After")
+    if not raw:
+        return None
+    raw = raw.strip()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+        return max(0.0, seconds)
+    if seconds != seconds or seconds < 0 or seconds == float("inf"):
+        return None
+    return seconds
+
+
+def is_retryable(error: BaseException, policy: RetryPolicy) -> bool:
+    """Whether ``error`` is worth another attempt under ``policy``.
+
+    Retried: connection failures before any reply, connect and first-byte timeouts (when
+    ``retry_timeouts``), and statuses in ``retry_statuses`` whose Retry-After, if any, is
+    within ``max_retry_after``. Never: other 4xx, contract breaks, stream errors after a
+    piece reached the caller.
+    """
+    if isinstance(error, StatusError):
+        if error.status_code not in policy.retry_statuses:
+            return False
+        return error.retry_after is None or error.retry_after <= policy.max_retry_after
+    if isinstance(error, EndpointTimeoutError):
+        return policy.retry_timeouts and error.phase in ("connect", "first_byte")
+    if isinstance(error, ConnectError):
+        return error.before_response
+    return False
+
+
+class _wait_retry_after(_t.wait.wait_base):
+    """Wait what the server asked for (Retry-After), else defer to the fallback backoff."""
+
+    def __init__(self, fallback: _t.wait.wait_base) -> None:
+        self.fallback = fallback
+
+    def __call__(self, retry_state: _t.RetryCallState) -> float:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        if isinstance(error, StatusError) and error.retry_after is not None:
+            return error.retry_after
+        return self.fallback(retry_state)
+
+
+class _stop_at_deadline(_t.stop.stop_base):
+    """Stop when the upcoming sleep would end past the deadline (a loop-clock time)."""
+
+    def __init__(self, deadline_at: float, clock: Callable[[], float]) -> None:
+        self.deadline_at = deadline_at
+        self.clock = clock
+
+    def __call__(self, retry_state: _t.RetryCallState) -> bool:
+        return self.clock() + retry_state.upcoming_sleep >= self.deadline_at
+
+
+def _log_retry(retry_state: _t.RetryCallState) -> None:
+    outcome = retry_state.outcome
+    error = outcome.exception() if outcome is not None else None
+    status = getattr(error, "status_code", None)
+    log.info(
+        "retrying after attempt %d failed (%s): sleeping %.2fs; %s",
+        retry_state.attempt_number,
+        status if status is not None else type(error).__name__,
+        retry_state.upcoming_sleep,
+        error,
+    )
+
+
+async def retry_call(
+    attempt: Callable[[int], Awaitable[T]],
+    first_error: ModalLLMError,
+    policy: RetryPolicy,
+    *,
+    deadline_at: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """Continue a call whose first attempt failed with ``first_error``.
+
+    ``attempt(n)`` performs attempt number ``n`` (2, 3, ...). The first attempt's error is
+    replayed into tenacity so that attempt numbering, backoff and the stop rule see it. The
+    final error is re-raised with ``.attempts`` set.
+    """
+    stop: _t.stop.stop_base = _t.stop_after_attempt(policy.max_retries + 1)
+    if deadline_at is not None:
+        stop = stop | _stop_at_deadline(deadline_at, clock)
+    retrying = _t.AsyncRetrying(
+        stop=stop,
+        wait=_wait_retry_after(
+            _t.wait_exponential_jitter(
+                initial=policy.wait_initial, max=policy.wait_max, jitter=policy.jitter
+            )
+        ),
+        retry=_t.retry_if_exception(lambda e: is_retryable(e, policy)),
+        before_sleep=_log_retry,
+        reraise=True,
+    )
+    number = 0
+
+    async def run() -> T:
+        nonlocal number
+        number += 1
+        if number == 1:
+            raise first_error
+        return await attempt(number)
+
+    try:
+        return await retrying(run)
+    except ModalLLMError as exc:
+        exc.attempts = number
+        raise
