@@ -13,7 +13,7 @@ import enum
 import logging
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, overload
 from urllib.parse import urljoin
@@ -236,6 +236,7 @@ class AsyncClient:
         base.update(self._credentials)
         self._headers = base
         self._stream_headers = {**base, "Accept": STREAM_ACCEPT}
+        self._failure_listeners: list[Callable[[ModalLLMError], None]] = []
         self._state = _State.UNOPENED
 
     @property
@@ -328,10 +329,22 @@ class AsyncClient:
         ``stop`` cuts the text at the first stop sequence, on the client. ``headers`` and
         ``timeout`` apply to this call only (for example ``Modal-Routing-Affinity-Key``).
         """
-        completion, _ = await self._complete(prompt, headers, timeout, extra)
+        text, _ = await self._generate(prompt, stop, headers, timeout, extra)
+        return text
+
+    async def _generate(
+        self,
+        prompt: str,
+        stop: StopTypes,
+        headers: HeaderTypes,
+        timeout: TimeoutTypes | _UseClientDefault,
+        extra: dict[str, Any],
+    ) -> tuple[str, int]:
+        """``generate`` that also reports how many attempts the POST took (for fan-out)."""
+        completion, attempts = await self._complete(prompt, headers, timeout, extra)
         if stop is None:
-            return completion.prompt
-        return StopMatcher(normalize_stop(stop)).apply(completion.prompt)
+            return completion.prompt, attempts
+        return StopMatcher(normalize_stop(stop)).apply(completion.prompt), attempts
 
     async def complete(
         self,
@@ -565,6 +578,7 @@ class AsyncClient:
         try:
             return await self._fetch(method, url, data, call, 1), 1
         except ModalLLMError as exc:
+            self._notify_failure(exc)
             policy = self._options.retry
             if policy.max_retries == 0 or not is_retryable(exc, policy):
                 exc.attempts = 1
@@ -576,7 +590,11 @@ class AsyncClient:
         async def attempt(number: int) -> _Reply:
             nonlocal attempts
             attempts = number
-            return await self._fetch(method, url, data, call, number)
+            try:
+                return await self._fetch(method, url, data, call, number)
+            except ModalLLMError as exc:
+                self._notify_failure(exc)
+                raise
 
         loop = asyncio.get_running_loop()
         reply = await retry_call(
@@ -587,6 +605,11 @@ class AsyncClient:
             clock=loop.time,
         )
         return reply, attempts
+
+    def _notify_failure(self, error: ModalLLMError) -> None:
+        """Tell listeners (adaptive fan-out) that one attempt failed, before any retry."""
+        for listener in self._failure_listeners:
+            listener(error)
 
     async def _fetch(
         self, method: str, url: str, data: bytes | None, call: _Call, attempt: int
@@ -760,6 +783,7 @@ class AsyncClient:
             try:
                 opened = await self._open_stream_once(method, url, data, call, 1)
             except ModalLLMError as exc:
+                self._notify_failure(exc)
                 policy = self._options.retry
                 if policy.max_retries == 0 or not is_retryable(exc, policy):
                     exc.attempts = 1
@@ -768,7 +792,11 @@ class AsyncClient:
                 async def attempt(
                     number: int, method: str = method, url: str = url, data: bytes | None = data
                 ) -> Any:
-                    return await self._open_stream_once(method, url, data, call, number)
+                    try:
+                        return await self._open_stream_once(method, url, data, call, number)
+                    except ModalLLMError as exc:
+                        self._notify_failure(exc)
+                        raise
 
                 opened = await retry_call(
                     attempt,
