@@ -518,8 +518,7 @@ class AsyncClient:
     def _deadline_error(self, call: _Call) -> ModalLLMError:
         if call.result_url is not None:
             return ResultPendingError(
-                "the deadline passed while the result was still being computed; "
-                "call resume(result_url) to keep waiting",
+                "the deadline passed while the result was still being computed",
                 result_url=call.result_url,
                 hops=0,
                 url=self._url,
@@ -559,8 +558,7 @@ class AsyncClient:
         call.result_url = target
         if hops > self._options.max_redirects:
             raise ResultPendingError(
-                f"still pending after {hops - 1} result-URL hops; "
-                "call resume(result_url) to keep waiting",
+                f"result still pending after {hops - 1} result-URL hops",
                 result_url=target,
                 hops=hops - 1,
                 url=self._url,

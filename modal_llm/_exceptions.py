@@ -193,6 +193,9 @@ class ResultPendingError(RedirectError):
         self.result_url = result_url
         self.hops = hops
 
+    def _detail(self) -> str:
+        return f"resume(result_url) polls {redact_url(self.result_url)}"
+
 
 class StatusError(ModalLLMError):
     """The endpoint answered with a non-2xx status.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
@@ -81,6 +82,20 @@ def is_retryable(error: BaseException, policy: RetryPolicy) -> bool:
     return False
 
 
+class _wait_backoff(_t.wait.wait_base):  # noqa: N801
+    """Exponential backoff with additive jitter, capped: see ``RetryPolicy``."""
+
+    def __init__(self, initial: float, maximum: float, jitter: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.jitter = jitter
+
+    def __call__(self, retry_state: _t.RetryCallState) -> float:
+        exponent = min(retry_state.attempt_number - 1, 62)
+        delay = self.initial * 2.0**exponent + random.uniform(0, self.jitter)
+        return max(0.0, min(delay, self.maximum))
+
+
 class _wait_retry_after(_t.wait.wait_base):
     """Wait what the server asked for (Retry-After), else defer to the fallback backoff."""
 
@@ -138,11 +153,7 @@ async def retry_call(
         stop = stop | _stop_at_deadline(deadline_at, clock)
     retrying = _t.AsyncRetrying(
         stop=stop,
-        wait=_wait_retry_after(
-            _t.wait_exponential_jitter(
-                initial=policy.wait_initial, max=policy.wait_max, jitter=policy.jitter
-            )
-        ),
+        wait=_wait_retry_after(_wait_backoff(policy.wait_initial, policy.wait_max, policy.jitter)),
         retry=_t.retry_if_exception(lambda e: is_retryable(e, policy)),
         before_sleep=_log_retry,
         reraise=True,
