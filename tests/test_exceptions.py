@@ -1,0 +1,82 @@
+"""Error messages read on one line and never show secrets."""
+
+from __future__ import annotations
+
+import pytest
+
+from modal_llm import (
+    ContractError,
+    EndpointTimeoutError,
+    RateLimitError,
+    ResultPendingError,
+    StatusError,
+    StreamInterruptedError,
+)
+from modal_llm._exceptions import excerpt, redact_url, status_error_class
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://x--y.modal.run/", "https://x--y.modal.run/"),
+        ("https://user:pw@x.modal.run/a", "https://x.modal.run/a"),
+        ("https://x.modal.run/a?token=abc&b=2", "https://x.modal.run/a?token=***&b=***"),
+        (
+            "https://x.modal.run/a?__modal_function_call_id=fc-1",
+            "https://x.modal.run/a?__modal_function_call_id=fc-1",
+        ),
+        ("http://127.0.0.1:8000/#frag", "http://127.0.0.1:8000/"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_status_error_reads_on_one_line() -> None:
+    err = RateLimitError(
+        status_code=429,
+        reason="Too Many Requests",
+        body=b'{"detail":\n "slow down"}',
+        retry_after=3,
+        headers={"Modal-Secret": "ws-x", "Retry-After": "3"},
+        url="https://x--y.modal.run/",
+        attempts=4,
+    )
+    assert str(err) == (
+        "429 Too Many Requests from https://x--y.modal.run/ after 4 attempts: "
+        '(retry after 3s) {"detail": "slow down"}'
+    )
+    assert err.headers["Modal-Secret"] == "***"
+
+
+def test_messages() -> None:
+    assert "phase" not in str(EndpointTimeoutError("timed out connecting", phase="connect"))
+    err = ContractError('reply has no "prompt" key', status_code=200, body=b"{}")
+    assert str(err) == 'reply has no "prompt" key (status 200): {}'
+    pending = ResultPendingError(
+        "pending", result_url="https://a/?__modal_function_call_id=fc", hops=2
+    )
+    assert "fc" in str(pending)
+    assert StreamInterruptedError("cut", partial_text="abc").partial_text == "abc"
+
+
+def test_excerpt_is_bounded() -> None:
+    text = excerpt(b"a" * 1000)
+    assert len(text) == 301 and text.endswith("…")
+    assert excerpt(b"\xff\xfe bad utf8").startswith("\ufffd")
+
+
+@pytest.mark.parametrize(
+    ("code", "name"),
+    [
+        (400, "StatusError"),
+        (401, "AuthenticationError"),
+        (403, "AuthenticationError"),
+        (429, "RateLimitError"),
+        (500, "ServerError"),
+        (503, "ServerError"),
+    ],
+)
+def test_status_mapping(code: int, name: str) -> None:
+    assert status_error_class(code).__name__ == name
+    assert issubclass(status_error_class(code), StatusError)

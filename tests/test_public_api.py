@@ -1,0 +1,39 @@
+"""The public face: one sorted, complete ``__all__``; no heavy imports on ``import modal_llm``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import modal_llm
+
+
+def test_all_is_sorted_and_complete() -> None:
+    exported = modal_llm.__all__
+    assert list(exported) == sorted(exported, key=lambda n: (not n.isupper(), n))
+    public = {n for n in dir(modal_llm) if not n.startswith("_")}
+    public -= {"annotations", "Any", "TYPE_CHECKING"}
+    assert set(exported) <= public
+    modules = {n for n in public if type(getattr(modal_llm, n)).__name__ == "module"}
+    assert public - modules - {"server", "langchain"} <= set(exported)
+
+
+def test_every_error_is_a_modal_llm_error() -> None:
+    for name in modal_llm.__all__:
+        obj = getattr(modal_llm, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            assert issubclass(obj, modal_llm.ModalLLMError), name
+
+
+def test_version() -> None:
+    assert isinstance(modal_llm.__version__, str)
+
+
+def test_import_is_light() -> None:
+    code = (
+        "import sys, modal_llm; "
+        "heavy = [m for m in ('langchain_core', 'tqdm', 'modal_llm.server', 'modal_llm._cli') "
+        "if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,28 @@
+"""Public-API usage that mypy --strict checks and nobody runs (as stamina does)."""
+
+from __future__ import annotations
+
+from typing_extensions import assert_type
+
+from modal_llm import AsyncClient, Completion, ModalLLMError, RetryPolicy, Timeout
+
+
+async def usage() -> None:
+    async with AsyncClient(
+        "https://me--llm.modal.run",
+        modal_key="wk",
+        modal_secret="ws",
+        headers={"X": "y"},
+        max_concurrency=8,
+        max_retries=2,
+        timeout=Timeout(30.0, first_byte=600),
+        retry=RetryPolicy(max_retries=1),
+    ) as client:
+        assert_type(await client.generate("hi", max_tokens=5), str)
+        assert_type(await client.complete("hi"), Completion)
+        assert_type(await client.generate_many(["a"]), list[str])
+        assert_type(
+            await client.generate_many(["a"], return_exceptions=True), list[str | ModalLLMError]
+        )
+        async for piece in client.stream("hi", stop=["\n"]):
+            assert_type(piece, str)
