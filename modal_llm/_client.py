@@ -751,7 +751,8 @@ class AsyncClient:
                 try:
                     pieces = decoder.feed(chunk)
                 except StreamError as exc:
-                    exc.partial_text = "".join(sent)
+                    # The decoder reports pieces it decoded before the error, in this chunk.
+                    exc.partial_text = "".join(sent) + exc.partial_text
                     raise
             tail = matcher.finish()
             if tail:
