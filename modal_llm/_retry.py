@@ -82,7 +82,7 @@ def is_retryable(error: BaseException, policy: RetryPolicy) -> bool:
     return False
 
 
-class _wait_backoff(_t.wait.wait_base):  # noqa: N801
+class _wait_backoff(_t.wait.wait_base):
     """Exponential backoff with additive jitter, capped: see ``RetryPolicy``."""
 
     def __init__(self, initial: float, maximum: float, jitter: float) -> None:
