@@ -724,6 +724,10 @@ class AsyncClient:
                         yield text
                     if matcher.stopped:
                         return  # closes the connection so the endpoint stops generating
+                error = decoder.error
+                if error is not None:  # found after the pieces above, in the same chunk
+                    error.partial_text = "".join(sent)  # type: ignore[attr-defined]
+                    raise error
                 if decoder.terminated:
                     break
                 try:
@@ -736,7 +740,11 @@ class AsyncClient:
                         url=errors.url,
                     ) from exc
                 if not chunk:
-                    pieces = decoder.finish()
+                    try:
+                        pieces = decoder.finish()
+                    except StreamError as exc:
+                        exc.partial_text = "".join(sent) + exc.partial_text
+                        raise
                     if decoder.requires_terminator and not decoder.terminated:
                         for piece in pieces:  # deliver what did arrive before failing
                             text = matcher.feed(piece)

@@ -1,0 +1,592 @@
+"""A fault-injecting TCP proxy for reliability tests.
+
+``FaultProxy`` listens on 127.0.0.1 (a free port) and forwards raw TCP to an upstream (the
+reference endpoint, or any ``aiohttp.test_utils.TestServer``). Each HTTP exchange that passes
+through gets one fault kind, which imitates a failure seen in production:
+
+``refuse``
+    Accept the connection, then close it without reading the request. The client sees the
+    connection close before any response byte; the upstream never sees the request.
+    Imitates a listener with nothing behind it (a worker crashing at start-up, a load balancer
+    with no healthy backend) and, on a reused keep-alive connection, the race where the server
+    closes an idle pooled connection just as the client sends on it.
+``reset``
+    Read the whole request, then close with a TCP RST (``SO_LINGER`` 0) without forwarding it.
+    The client gets ``ECONNRESET``; the upstream never sees the request, so a retry is safe.
+    Imitates a container that is OOM-killed or crashes, an ingress that drops its connection
+    table, a middlebox that times out the flow.
+``stall_before``
+    Forward the request, then hold back every response byte until ``release()`` or until the
+    client gives up. Imitates a cold start (Modal booting a GPU container), a request queued
+    behind others, a hung model. It trips a client's first-byte timeout. The upstream *did* run
+    the request, so a retry must reuse its ``Idempotency-Key``.
+``stall_mid``
+    Forward the response head and part of the body, then hold the rest until ``release()``.
+    Imitates a generation that hangs mid-stream (a stuck GPU, a paused worker) or a path that
+    silently drops packets mid-response (a NAT or VPN losing state). It trips a client's read
+    timeout (the gap between chunks) after the headers have arrived.
+``cut``
+    Forward part of the response, then close the connection (FIN). The client sees a truncated
+    body (aiohttp raises ``ClientPayloadError``). Imitates a worker crashing mid-generation,
+    or a proxy or container being restarted by a deploy while it streams.
+``delay``
+    Sleep ``delay_seconds`` before forwarding each upstream chunk; the reply still completes.
+    Imitates a slow or congested link, and exercises the code that runs while bytes trickle in.
+``none``
+    Clean pass-through.
+
+Choosing faults. A fault is chosen per request, not per connection: a keep-alive connection
+may carry many requests, and a soak through a pooled client would otherwise see almost no
+faults (fault-free connections live long, faulty ones die). The first fault is drawn when
+the connection is accepted (``refuse`` must act before reading). Each later one is drawn
+when the client sends bytes after the upstream has answered, which marks a new request for
+a client that does not pipeline (aiohttp does not); a ``refuse`` there drops those bytes and
+closes. The next entry of ``config.schedule`` is used first and consumed; otherwise one draw
+from ``random.Random(config.seed)`` (seeded once, in ``__init__``) is compared with the
+cumulative rates in the order of ``FAULT_KINDS``. Scheduled entries consume no randomness.
+The sequence of faults (``history``) is reproducible; which connection gets which one depends
+on scheduling when clients run concurrently. Note that aiohttp retries an idempotent request
+(GET, PUT, DELETE...) once by itself when a reused connection fails, which takes another draw.
+
+Byte-level faults act on the upstream-to-client direction only. ``cut_after`` and
+``stall_after`` count response bytes from the status line. The point is clamped into the body:
+never before the end of the head, and always before the response's last byte (for a chunked
+body, its ``0\\r\\n\\r\\n`` terminator; for a close-delimited one, its last byte). So a short
+reply is still truncated, and a long head is never split. (A reply with an empty body is the
+exception: its head is cut short.)
+
+Limits: HTTP/1.x only; no pipelining; ``Expect: 100-continue``, trailers and replies to HEAD are
+not modelled. A client that half-closes (EOF) ends the whole connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import TracebackType
+
+__all__ = ["FAULT_KINDS", "FaultConfig", "FaultKind", "FaultProxy", "choose_fault"]
+
+FaultKind = Literal["refuse", "reset", "stall_before", "stall_mid", "cut", "delay", "none"]
+FAULT_KINDS: Final[tuple[FaultKind, ...]] = (
+    "refuse",
+    "reset",
+    "stall_before",
+    "stall_mid",
+    "cut",
+    "delay",
+    "none",
+)
+_KIND_BY_NAME: Final[dict[str, FaultKind]] = {kind: kind for kind in FAULT_KINDS}
+CHUNK_SIZE: Final = 64 * 1024
+_CHUNKED_END: Final = b"\r\n0\r\n\r\n"
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class FaultConfig:
+    """Fault rates (each in [0, 1], summing to at most 1) and knobs; mutable between test phases.
+
+    ``schedule`` forces the next faults, one per request, before the rates apply::
+
+        FaultConfig(cut=0.05, reset=0.05, seed=7)
+        FaultConfig(schedule=["stall_before", "none"])
+    """
+
+    refuse: float = 0.0
+    reset: float = 0.0
+    stall_before: float = 0.0
+    stall_mid: float = 0.0
+    cut: float = 0.0
+    delay: float = 0.0
+    delay_seconds: float = 0.002
+    cut_after: int = 200
+    stall_after: int = 200
+    seed: int = 0
+    schedule: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def rates(self) -> tuple[tuple[FaultKind, float], ...]:
+        """The rated faults in draw order (``none`` takes what is left)."""
+        return (
+            ("refuse", self.refuse),
+            ("reset", self.reset),
+            ("stall_before", self.stall_before),
+            ("stall_mid", self.stall_mid),
+            ("cut", self.cut),
+            ("delay", self.delay),
+        )
+
+    def validate(self) -> None:
+        """Raise ValueError for a rate outside [0, 1], rates above 1 in total, or a bad knob."""
+        for kind, rate in self.rates():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"FaultConfig.{kind} must be in [0, 1], got {rate!r}")
+        total = sum(rate for _, rate in self.rates())
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"FaultConfig rates must sum to at most 1, got {total!r}")
+        if not self.delay_seconds >= 0.0:
+            raise ValueError(f"FaultConfig.delay_seconds must be >= 0, got {self.delay_seconds!r}")
+        if self.cut_after < 0 or self.stall_after < 0:
+            raise ValueError("FaultConfig.cut_after and stall_after must be >= 0")
+        unknown = [name for name in self.schedule if name not in _KIND_BY_NAME]
+        if unknown:
+            raise ValueError(f"unknown fault kinds {unknown!r} in schedule; use {FAULT_KINDS}")
+
+
+def choose_fault(config: FaultConfig, rng: random.Random) -> FaultKind:
+    """Next fault: the head of ``config.schedule`` (consumed), else one draw from ``rng``."""
+    if config.schedule:
+        name = config.schedule.pop(0)
+        kind = _KIND_BY_NAME.get(name)
+        if kind is None:
+            raise ValueError(f"unknown fault kind {name!r} in schedule; use {FAULT_KINDS}")
+        return kind
+    config.validate()
+    x = rng.random()
+    for kind, rate in config.rates():
+        if x < rate:
+            return kind
+        x -= rate
+    return "none"
+
+
+def _framing(head: bytes) -> tuple[int | None, bool]:
+    """(Content-Length, chunked) of an HTTP/1.x head: start line and header lines, no blank line."""
+    length: int | None = None
+    chunked = False
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        name = name.strip().lower()
+        if name == b"content-length":
+            with contextlib.suppress(ValueError):
+                length = int(value.strip())
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+    return (None if chunked else length), chunked
+
+
+def _request_complete(buf: bytes | bytearray) -> bool:
+    """Whether ``buf`` holds a whole HTTP request (head and body)."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return False
+    length, chunked = _framing(bytes(buf[:end]))
+    if chunked:
+        return buf.endswith(_CHUNKED_END)
+    return len(buf) - (end + 4) >= (length or 0)
+
+
+class _Limiter:
+    """Sans-IO: how much of one response to forward before a cut or a stall.
+
+    The stop point is ``after`` bytes into the response, clamped to lie after the head and before
+    the response's last byte (see the module docstring).
+    """
+
+    __slots__ = ("_after", "_buf", "_chunked", "_point", "_seen", "_sent", "_tail")
+
+    def __init__(self, after: int) -> None:
+        self._after = after
+        self._buf = bytearray()  # received and not yet released
+        self._point: int | None = None  # None until the head is complete
+        self._seen = 0
+        self._sent = 0
+        self._chunked = False
+        self._tail = b""  # last bytes seen, to spot the chunked terminator across reads
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """Take upstream bytes; return the bytes to forward now and whether the point is reached."""
+        self._buf += data
+        self._seen += len(data)
+        if self._point is None:
+            end = self._buf.find(b"\r\n\r\n")  # nothing is released before the head is parsed
+            if end < 0:
+                return b"", False
+            head_end = end + 4
+            length, self._chunked = _framing(bytes(self._buf[:end]))
+            point = max(self._after, head_end)
+            if length is not None:
+                point = min(point, head_end + length - 1)
+            self._point = point
+        if self._chunked:
+            tail = self._tail + data[-len(_CHUNKED_END) :]
+            if tail.endswith(_CHUNKED_END):
+                self._point = min(self._point, self._seen - 5)  # hold back b"0\r\n\r\n"
+            self._tail = tail[-len(_CHUNKED_END) :]
+        return self._release()
+
+    def finish(self) -> tuple[bytes, bool]:
+        """The upstream closed: hold back at least the last byte received."""
+        if self._seen == 0:
+            return b"", False
+        last = self._seen - 1
+        self._point = last if self._point is None else min(self._point, last)
+        return self._release()
+
+    def rest(self) -> bytes:
+        """Everything received and not released yet (forwarded once a stall is released)."""
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+    def _release(self) -> tuple[bytes, bool]:
+        assert self._point is not None
+        n = max(0, self._point - self._sent)
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        self._sent += len(out)
+        return out, self._sent >= self._point
+
+
+class _Link:
+    """One client connection, its upstream connection, and the fault of its current request."""
+
+    __slots__ = (
+        "client_reader",
+        "client_writer",
+        "fault",
+        "gate",
+        "held",
+        "limiter",
+        "passthrough",
+        "request_buf",
+        "response_seen",
+        "rst",
+        "upstream_reader",
+        "upstream_writer",
+    )
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.client_reader = reader
+        self.client_writer = writer
+        self.upstream_reader: asyncio.StreamReader | None = None
+        self.upstream_writer: asyncio.StreamWriter | None = None
+        self.fault: FaultKind = "none"
+        self.response_seen = False  # the upstream sent bytes since the current request began
+        self.passthrough = True
+        self.limiter: _Limiter | None = None
+        self.held = bytearray()
+        self.request_buf = bytearray()
+        self.gate = asyncio.Event()  # set by FaultProxy.release()
+        self.rst = False
+
+    def start_request(self, fault: FaultKind, config: FaultConfig) -> None:
+        self.fault = fault
+        self.response_seen = False
+        self.passthrough = fault == "none"
+        after = {"cut": config.cut_after, "stall_mid": config.stall_after}.get(fault)
+        self.limiter = None if after is None else _Limiter(after)
+        self.held = bytearray()
+        self.request_buf = bytearray()
+        self.gate = asyncio.Event()
+
+    def writers(self) -> list[asyncio.StreamWriter]:
+        if self.upstream_writer is None:
+            return [self.client_writer]
+        return [self.client_writer, self.upstream_writer]
+
+    def abort(self) -> None:
+        for writer in self.writers():
+            writer.transport.abort()
+
+    async def wait_closed(self) -> None:
+        for writer in self.writers():
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+def _abort_with_rst(writer: asyncio.StreamWriter) -> None:
+    """Close so that the peer gets RST, not FIN: SO_LINGER on with a zero timeout."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+class FaultProxy:
+    """An asyncio TCP proxy on 127.0.0.1 that injects faults into the HTTP exchanges it forwards.
+
+    Usage::
+
+        async with FaultProxy(server.host, server.port, FaultConfig(schedule=["cut"])) as proxy:
+            ...  # point the client at proxy.url
+            assert proxy.counts["cut"] == 1
+    """
+
+    def __init__(
+        self, upstream_host: str, upstream_port: int, config: FaultConfig | None = None
+    ) -> None:
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.config = config if config is not None else FaultConfig()
+        self.port = 0
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.history: list[FaultKind] = []  # every fault chosen, in order
+        self.connections = 0
+        self.errors: list[BaseException] = []  # unexpected errors in proxy tasks (bugs)
+        self._rng = random.Random(self.config.seed)
+        self._server: asyncio.Server | None = None
+        self._links: set[_Link] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stalled = 0
+        self._changed = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._links)
+
+    @property
+    def stalled(self) -> int:
+        """Responses being held back right now (stall_before or stall_mid at their hold point)."""
+        return self._stalled
+
+    async def start(self) -> None:
+        if self._server is not None or self._stopping:
+            raise RuntimeError("a FaultProxy can be started only once")
+        self._server = await asyncio.start_server(self._on_accept, "127.0.0.1", 0, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening, close every connection, and wait until no proxy task is left."""
+        self._stopping = True
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for link in list(self._links):
+            link.abort()
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for link in list(self._links):  # tasks cancelled before they ever ran
+            link.abort()
+            await link.wait_closed()
+            self._forget(link)
+        if server is not None:
+            await server.wait_closed()
+
+    async def __aenter__(self) -> FaultProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def release(self) -> None:
+        """Let every stalled response go: requests whose fault is a stall now pass through."""
+        for link in self._links:
+            link.gate.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no connection is open."""
+        await self._wait_until(lambda: not self._links)
+
+    async def wait_stalled(self, count: int = 1) -> None:
+        """Return once at least ``count`` responses are being held back."""
+        await self._wait_until(lambda: self._stalled >= count)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self._changed.wait()
+
+    def _track(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.errors.append(exc)
+            _log.error("fault proxy task %s failed", task.get_name(), exc_info=exc)
+
+    def _forget(self, link: _Link) -> None:
+        if link in self._links:
+            self._links.discard(link)
+            self._notify()
+
+    def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._stopping:
+            writer.transport.abort()
+            return
+        link = _Link(reader, writer)
+        self.connections += 1
+        self._links.add(link)
+        self._notify()
+        loop = asyncio.get_running_loop()
+        self._track(loop.create_task(self._serve(link), name=f"faultproxy-{self.connections}"))
+
+    def _begin_request(self, link: _Link) -> None:
+        fault = choose_fault(self.config, self._rng)
+        self.counts[fault] += 1
+        self.history.append(fault)
+        link.start_request(fault, self.config)
+
+    async def _serve(self, link: _Link) -> None:
+        pumps: list[asyncio.Task[None]] = []
+        try:
+            self._begin_request(link)
+            if link.fault == "refuse":
+                return
+            if link.fault != "reset":  # a reset never forwards, so it needs no upstream
+                try:
+                    link.upstream_reader, link.upstream_writer = await asyncio.open_connection(
+                        self.upstream_host, self.upstream_port
+                    )
+                except OSError as exc:
+                    _log.warning("fault proxy: upstream unreachable: %s", exc)
+                    return
+                pumps.append(self._track(asyncio.create_task(self._pump_responses(link))))
+            pumps.append(self._track(asyncio.create_task(self._pump_requests(link))))
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)  # errors go to _task_done
+            await self._close(link)
+
+    async def _close(self, link: _Link) -> None:
+        try:
+            if link.rst:
+                _abort_with_rst(link.client_writer)
+            for writer in link.writers():
+                if self._stopping:
+                    writer.transport.abort()
+                else:
+                    writer.close()  # flushes what was written (a cut's prefix), then FIN
+            await link.wait_closed()
+        finally:
+            self._forget(link)
+
+    async def _stall(self, link: _Link) -> None:
+        self._stalled += 1
+        self._notify()
+        try:
+            await link.gate.wait()
+        finally:
+            self._stalled -= 1
+            self._notify()
+
+    async def _pump_requests(self, link: _Link) -> None:
+        """Client to upstream; spots request boundaries and applies refuse and reset."""
+        reader = link.client_reader
+        while True:
+            try:
+                data = await reader.read(CHUNK_SIZE)
+            except OSError:
+                return
+            if not data:
+                return
+            if link.response_seen:  # the client speaks after an answer: a new request
+                self._begin_request(link)
+                if link.fault == "refuse":
+                    return
+            if link.fault == "reset":
+                link.request_buf += data
+                if _request_complete(link.request_buf):
+                    link.rst = True
+                    return
+                continue
+            upstream = link.upstream_writer
+            if upstream is None:
+                return
+            try:
+                upstream.write(data)
+                await upstream.drain()
+            except OSError:
+                return
+
+    async def _pump_responses(self, link: _Link) -> None:
+        """Upstream to client; applies the byte-level faults."""
+        reader = link.upstream_reader
+        writer = link.client_writer
+        if reader is None:
+            return
+        try:
+            while True:
+                try:
+                    data = await reader.read(CHUNK_SIZE)
+                except OSError:
+                    data = b""
+                if data:
+                    link.response_seen = True
+                if link.passthrough:
+                    if not data:
+                        return
+                    writer.write(data)
+                    await writer.drain()
+                    continue
+                fault = link.fault
+                if fault == "delay":
+                    if not data:
+                        return
+                    await asyncio.sleep(self.config.delay_seconds)
+                    writer.write(data)
+                    await writer.drain()
+                elif fault == "stall_before":
+                    link.held += data
+                    if link.held:
+                        await self._stall(link)
+                        link.passthrough = True
+                        writer.write(bytes(link.held))
+                        link.held.clear()
+                        await writer.drain()
+                    if not data:
+                        return
+                else:  # cut or stall_mid
+                    limiter = link.limiter
+                    assert limiter is not None
+                    out, reached = limiter.feed(data) if data else limiter.finish()
+                    if out:
+                        writer.write(out)
+                        await writer.drain()
+                    if reached:
+                        if fault == "cut":
+                            return
+                        await self._stall(link)
+                        link.passthrough = True
+                        rest = limiter.rest()
+                        if rest:
+                            writer.write(rest)
+                            await writer.drain()
+                    if not data:
+                        return
+        except OSError:
+            return
