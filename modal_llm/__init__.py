@@ -45,6 +45,7 @@ from ._exceptions import (
     TransportError,
 )
 from ._models import Completion
+from ._sync import Client
 
 __all__ = [
     "DEFAULT_MAX_CONCURRENCY",
@@ -56,6 +57,7 @@ __all__ = [
     "USE_CLIENT_DEFAULT",
     "AsyncClient",
     "AuthenticationError",
+    "Client",
     "ClientClosedError",
     "ClientOptions",
     "Completion",

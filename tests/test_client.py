@@ -63,7 +63,7 @@ class Recorder:
         self.headers.append(dict(request.headers))
 
 
-# -- the request ----------------------------------------------------------------------------
+# -- the request --
 
 
 async def test_request_body_headers_and_extras(make_endpoint: MakeEndpoint) -> None:
@@ -165,7 +165,7 @@ async def test_reply_size_cap(make_endpoint: MakeEndpoint) -> None:
             await c.generate("hi")
 
 
-# -- retries ----------------------------------------------------------------------------------
+# -- retries --
 
 
 async def test_429_retry_after_seconds_is_honoured(
@@ -316,7 +316,7 @@ async def test_unreachable_endpoint_is_a_connect_error() -> None:
     assert "cannot connect" in str(info.value)
 
 
-# -- timeouts ---------------------------------------------------------------------------------
+# -- timeouts --
 
 
 async def test_hang_longer_than_first_byte_timeout(make_endpoint: MakeEndpoint) -> None:
@@ -646,7 +646,7 @@ async def test_repr_and_errors_hide_credentials(make_endpoint: MakeEndpoint) -> 
     assert "missing credentials" in str(err)
 
 
-# -- configuration errors -------------------------------------------------------------------------
+# -- configuration errors --
 
 
 @pytest.mark.parametrize(

@@ -78,7 +78,7 @@ async def collect(client: AsyncClient, prompt: str = "hi", **kw: Any) -> list[st
     return [piece async for piece in client.stream(prompt, **kw)]
 
 
-# -- formats ------------------------------------------------------------------------------------
+# -- formats --
 
 
 async def test_sse_stream_and_request_shape(make_endpoint: MakeEndpoint) -> None:
@@ -134,7 +134,7 @@ async def test_plain_json_contract_break_is_typed(make_endpoint: MakeEndpoint) -
             await collect(c)
 
 
-# -- incremental delivery -------------------------------------------------------------------------
+# -- incremental delivery --
 
 
 async def test_first_piece_arrives_while_server_is_paused(make_endpoint: MakeEndpoint) -> None:
@@ -150,7 +150,7 @@ async def test_first_piece_arrives_while_server_is_paused(make_endpoint: MakeEnd
         assert [p async for p in stream] == ["second"]
 
 
-# -- failures ---------------------------------------------------------------------------------------
+# -- failures --
 
 
 async def test_mid_stream_drop_raises_with_partial_text(make_endpoint: MakeEndpoint) -> None:
@@ -236,7 +236,7 @@ async def test_stream_size_cap(make_endpoint: MakeEndpoint) -> None:
             await collect(c)
 
 
-# -- stop sequences and early exit --------------------------------------------------------------------
+# -- stop sequences and early exit --
 
 
 async def test_stop_split_across_pieces_truncates_and_disconnects(

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 try:
     import modal
 except ImportError:  # the handler logic below needs FastAPI only
-    modal = None
+    modal = None  # type: ignore[assignment]
 
 
 class GenerateRequest(BaseModel):
