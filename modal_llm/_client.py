@@ -709,6 +709,7 @@ class AsyncClient:
             except asyncio.TimeoutError:
                 raise self._deadline_error(call) from None
         resp, decoder, first, errors = opened
+        deadline_at = call.deadline_at
         matcher = StopMatcher(stops)
         sent: list[str] = []
         received = 0
@@ -732,7 +733,10 @@ class AsyncClient:
                     break
                 try:
                     with errors:
-                        chunk = await resp.content.readany()
+                        if deadline_at is None:
+                            chunk = await resp.content.readany()
+                        else:
+                            chunk = await _read_before(resp, deadline_at)
                 except ModalLLMError as exc:
                     raise StreamInterruptedError(
                         f"stream interrupted: {exc.message}",
@@ -896,6 +900,17 @@ class AsyncClient:
             raise
 
 
+async def _read_before(resp: aiohttp.ClientResponse, deadline_at: float) -> bytes:
+    """Read the next chunk, or fail once the call's deadline has passed."""
+    remaining = deadline_at - asyncio.get_running_loop().time()
+    if remaining <= 0:
+        raise EndpointTimeoutError("the call's deadline passed", phase="deadline")
+    try:
+        return await asyncio.wait_for(resp.content.readany(), remaining)
+    except asyncio.TimeoutError:
+        raise EndpointTimeoutError("the call's deadline passed", phase="deadline") from None
+
+
 def _abandon(resp: aiohttp.ClientResponse | None) -> None:
     if resp is not None:
         resp.close()
@@ -909,4 +924,10 @@ def _set_read_timeout(resp: aiohttp.ClientResponse, seconds: float) -> None:
     """
     connection = resp.connection
     if connection is not None and connection.protocol is not None:
-        connection.protocol.read_timeout = seconds
+        protocol = connection.protocol
+        protocol.read_timeout = seconds
+        # The running timer still counts the first-byte timeout until the next data
+        # arrives; restart it now, unless the body is complete (aiohttp dropped the
+        # timer at EOF, and a re-armed one would fire later on an idle pooled socket).
+        if not resp.content.is_eof():
+            protocol.start_timeout()

@@ -712,3 +712,27 @@ def test_aiohttp_is_hidden() -> None:
     assert issubclass(EndpointTimeoutError, TimeoutError)
     assert issubclass(ConfigError, ValueError)
     assert issubclass(RetryPolicy, object)
+
+
+async def test_body_stall_is_a_read_timeout_not_retried(make_endpoint: MakeEndpoint) -> None:
+    rec = Recorder()
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await rec.record(request)
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = 40
+        await resp.prepare(request)
+        await resp.write(b'{"prompt": "half')
+        await release.wait()
+        return resp
+
+    url = await make_endpoint(handler)
+    try:
+        async with AsyncClient(url, timeout=Timeout(read=0.2), retry=NO_WAIT) as c:
+            with pytest.raises(EndpointTimeoutError) as info:
+                await c.generate("hi")
+    finally:
+        release.set()
+    assert info.value.phase == "read"
+    assert rec.posts == 1

@@ -14,10 +14,12 @@ from modal_llm import (
     AsyncClient,
     ConfigError,
     ContractError,
+    EndpointTimeoutError,
     ReplyTooLargeError,
     ServerStreamError,
     StatusError,
     StreamInterruptedError,
+    Timeout,
 )
 
 from .conftest import NO_WAIT, MakeEndpoint
@@ -297,3 +299,23 @@ async def test_bad_stop_argument(make_endpoint: MakeEndpoint) -> None:
     async with AsyncClient(url) as c:
         with pytest.raises(ConfigError):
             c.stream("hi", stop=[""])
+
+
+async def test_deadline_bounds_a_running_stream(make_endpoint: MakeEndpoint) -> None:
+    chunks = sse("a", "b", done=False)
+    url = await make_endpoint(streaming("text/event-stream", chunks, hang_at_end=True))
+    async with AsyncClient(url, timeout=Timeout(deadline=0.3)) as c:
+        with pytest.raises(StreamInterruptedError, match="deadline") as info:
+            await collect(c)
+    assert info.value.partial_text == "ab"
+    assert isinstance(info.value.__cause__, EndpointTimeoutError)
+    assert info.value.__cause__.phase == "deadline"
+
+
+async def test_read_timeout_on_a_stalled_stream(make_endpoint: MakeEndpoint) -> None:
+    chunks = sse("a", done=False)
+    url = await make_endpoint(streaming("text/event-stream", chunks, hang_at_end=True))
+    async with AsyncClient(url, timeout=Timeout(read=0.2)) as c:
+        with pytest.raises(StreamInterruptedError, match="reading") as info:
+            await collect(c)
+    assert info.value.partial_text == "a"
