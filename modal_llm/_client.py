@@ -557,7 +557,11 @@ class AsyncClient:
             raise RedirectError(
                 f"{reply.status} redirect would re-send the prompt; not followed", url=reply.url
             )
-        target = urljoin(reply.url, reply.location or "")
+        try:
+            target = urljoin(reply.url, reply.location or "")
+            cross_origin = not same_origin(self._url, target)
+        except ValueError:  # a malformed Location: a bad IPv6 literal, a port out of range
+            raise RedirectError("redirect to a malformed URL", url=reply.url) from None
         if not target.startswith(("http://", "https://")):
             raise RedirectError(f"redirect to a non-HTTP URL {redact_url(target)}", url=reply.url)
         call.result_url = target
@@ -568,7 +572,7 @@ class AsyncClient:
                 hops=hops - 1,
                 url=self._url,
             )
-        if not same_origin(self._url, target):
+        if cross_origin:
             # Credentials go only to the endpoint's own origin, on any hop.
             call.headers = strip_credentials(call.headers)
         call.headers.pop("Content-Type", None)

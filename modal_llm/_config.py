@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypedDict
 from urllib.parse import urlsplit
 
-from ._exceptions import ConfigError
+from ._exceptions import ConfigError, redact_url
 
 if TYPE_CHECKING:
     import aiohttp
@@ -300,7 +300,7 @@ class ClientOptions:
             raise ConfigError(f"endpoint_url must be a str, not {type(url).__name__}")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"endpoint_url must be an http(s) URL, not {url!r}")
+            raise ConfigError(f"endpoint_url must be an http(s) URL, not {redact_url(url)!r}")
         if parts.username or parts.password:
             raise ConfigError("endpoint_url must not carry credentials; use modal_key/modal_secret")
 

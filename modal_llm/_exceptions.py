@@ -65,11 +65,12 @@ def redact_url(url: object) -> str:
     text = str(url)
     try:
         parts = urlsplit(text)
+        port = parts.port  # raises for a port out of range or not a number
     except ValueError:
         return "<invalid url>"
     netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc = f"{netloc}:{parts.port}"
+    if port is not None:
+        netloc = f"{netloc}:{port}"
     query = ""
     if parts.query:
         kept = []

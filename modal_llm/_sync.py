@@ -1,0 +1,371 @@
+"""``Client``: the blocking face of ``AsyncClient``, driven through a loop on a daemon thread.
+
+There is no HTTP, retry, parsing or streaming logic here. ``_LoopThread`` is a blocking
+portal (starlette's ``TestClient`` idea turned around): one daemon thread runs one event
+loop that owns the ``AsyncClient``, and every blocking method ships a coroutine there and
+waits for its result. The caller's thread never runs a loop, so this works inside a
+running one (a Jupyter cell) and from many threads sharing one connection pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import sys
+import threading
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
+
+from ._client import AsyncClient
+from ._config import USE_CLIENT_DEFAULT, ClientOptions, ClientSettings, TimeoutTypes
+from ._config import _UseClientDefault as _UseDefault
+from ._exceptions import ClientClosedError, ModalLLMError, redact_url
+from ._models import Completion
+from ._types import HeaderTypes, StopTypes
+
+if TYPE_CHECKING:
+    from typing_extensions import ParamSpec, Unpack
+
+    P = ParamSpec("P")
+
+__all__ = ["Client"]
+
+T = TypeVar("T")
+
+CANCEL_GRACE: Final = 5.0
+"""Seconds a Ctrl-C waits for the cancelled call to unwind (release its connection)."""
+CLOSE_TIMEOUT: Final = 10.0
+"""Seconds ``close()`` (or exit) waits for the pool to close and the loop thread to end."""
+# Windows cannot interrupt a lock wait with Ctrl-C, so the wait is sliced there.
+_WAIT_SLICE: Final = 0.25 if sys.platform == "win32" else None
+_CLOSED_MESSAGE: Final = "Cannot use a closed client; create a new one."
+
+
+def _wait_for_result(future: concurrent.futures.Future[T]) -> T:
+    """Block until ``future`` settles; the one place a Ctrl-C reaches a waiting caller."""
+    if _WAIT_SLICE is not None:
+        while not future.done():
+            concurrent.futures.wait([future], timeout=_WAIT_SLICE)
+    return future.result()
+
+
+class _LoopThread:
+    """A daemon thread running one event loop; ``call`` runs a coroutine there and blocks.
+
+    Strictly private. The coroutine is *created* in the loop thread too, so async
+    generators register their finalizers with this loop, not with the caller's.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.closed = False
+        # Held while submitting and while closing, so no call is queued behind loop.stop().
+        self._submit = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="modal-llm-loop", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                leftover = asyncio.all_tasks(loop)
+                for task in leftover:
+                    task.cancel()
+                loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    @property
+    def in_loop_thread(self) -> bool:
+        return threading.get_ident() == self._thread.ident
+
+    def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``await fn(*args, **kwargs)`` in the loop thread and return its result.
+
+        Ctrl-C while waiting cancels the task (so its connection is released), waits up to
+        ``CANCEL_GRACE`` seconds for it to unwind, and re-raises ``KeyboardInterrupt``.
+        """
+        if self.in_loop_thread:  # it would wait for itself forever
+            raise RuntimeError("a blocking Client call cannot run on the client's own loop")
+        unwound = threading.Event()
+
+        async def run() -> T:
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                unwound.set()
+
+        with self._submit:
+            if self.closed:
+                raise ClientClosedError(_CLOSED_MESSAGE)
+            future = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        try:
+            return _wait_for_result(future)
+        except KeyboardInterrupt:
+            future.cancel()
+            unwound.wait(CANCEL_GRACE)
+            raise
+        except concurrent.futures.CancelledError:
+            # Only close() cancels tasks behind a caller's back.
+            raise ClientClosedError("the client was closed while this call was running") from None
+
+    def stop(self, client: AsyncClient) -> None:
+        """Close ``client`` and every task in the loop, stop the loop and join the thread."""
+        with self._submit:
+            if self.closed:
+                return
+            self.closed = True
+        loop = self.loop
+        if self.in_loop_thread:  # garbage-collected on our own thread: cannot wait here
+            loop.create_task(_shutdown(client)).add_done_callback(lambda _: loop.stop())
+            return
+        try:
+            future = asyncio.run_coroutine_threadsafe(_shutdown(client), loop)
+            with contextlib.suppress(Exception):  # a timeout: stop the loop anyway
+                future.result(CLOSE_TIMEOUT)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(CLOSE_TIMEOUT)
+
+    def close_stream(self, agen: AsyncGenerator[str, None]) -> None:
+        """Close an abandoned stream's async generator (and so its HTTP response)."""
+        if self.closed:
+            return  # the loop already closed it in shutdown_asyncgens()
+        if self.in_loop_thread:
+            self.loop.create_task(agen.aclose())
+            return
+        with contextlib.suppress(ClientClosedError):
+            self.call(agen.aclose)
+
+
+async def _shutdown(client: AsyncClient) -> None:
+    """Close the pool, then cancel whatever is still running so no caller waits forever."""
+    await client.aclose()
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _open(options: ClientOptions) -> AsyncClient:
+    client = AsyncClient.from_options(options)
+    await client.__aenter__()
+    return client
+
+
+async def _next_piece(agen: AsyncGenerator[str, None]) -> str | None:
+    # StopAsyncIteration becomes None: it must not cross into concurrent.futures.
+    try:
+        return await agen.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+class Client:
+    """A blocking client for a Modal LLM web endpoint: ``AsyncClient`` behind plain calls.
+
+    Usage::
+
+        with Client("https://me--llm-web.modal.run", max_concurrency=16) as client:
+            text = client.generate("Identify yourself, bot!", max_tokens=64)
+            for piece in client.stream("Tell me a story"):
+                print(piece, end="")
+            texts = client.generate_many(prompts)   # concurrent, in input order
+
+    Takes the same options as ``AsyncClient``. Safe to share between threads (one pool),
+    usable inside a running event loop (Jupyter), and Ctrl-C cancels the waiting call.
+    """
+
+    _portal: _LoopThread | None = None  # so __repr__ and close() work if __init__ failed
+
+    def __init__(self, endpoint_url: str | None = None, **options: Unpack[ClientSettings]) -> None:
+        self._init(ClientOptions.build(endpoint_url, **options))
+
+    @classmethod
+    def from_options(cls, options: ClientOptions) -> Client:
+        """Build a client from already resolved options (used by the LangChain adapter)."""
+        self = cls.__new__(cls)
+        self._init(options)
+        return self
+
+    def _init(self, options: ClientOptions) -> None:
+        portal = _LoopThread()
+        try:
+            client = portal.call(_open, options)
+        except BaseException:
+            portal.closed = True
+            portal.loop.call_soon_threadsafe(portal.loop.stop)
+            raise
+        self._portal = portal
+        self._aclient = client
+        self._options = options
+        # Runs on close(), on garbage collection and at interpreter exit, whichever is first.
+        self._finalizer = weakref.finalize(self, portal.stop, client)
+
+    @property
+    def options(self) -> ClientOptions:
+        """The resolved settings (credentials are hidden in its repr)."""
+        return self._options
+
+    @property
+    def endpoint_url(self) -> str:
+        return self._options.endpoint_url
+
+    @property
+    def closed(self) -> bool:
+        return self._portal is None or self._portal.closed
+
+    def __repr__(self) -> str:
+        if self._portal is None:
+            return "<Client unopened>"
+        state = "closed" if self.closed else "open"
+        return f"<Client {redact_url(self._options.endpoint_url)} {state}>"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        if self.closed:
+            raise ClientClosedError(_CLOSED_MESSAGE)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the pool and stop the loop thread. Idempotent; calls in flight fail."""
+        if self._portal is not None:
+            self._finalizer()
+
+    def _live_portal(self) -> _LoopThread:
+        portal = self._portal
+        if portal is None or portal.closed:
+            raise ClientClosedError(_CLOSED_MESSAGE)
+        return portal
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        stop: StopTypes = None,
+        headers: HeaderTypes = None,
+        timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT,
+        **extra: Any,
+    ) -> str:
+        """Send ``prompt`` (with ``extra`` as model arguments) and return the generated text."""
+        return self._live_portal().call(
+            self._aclient.generate, prompt, stop=stop, headers=headers, timeout=timeout, **extra
+        )
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        headers: HeaderTypes = None,
+        timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT,
+        **extra: Any,
+    ) -> Completion:
+        """Like ``generate`` but return the whole reply: ``.text`` and ``.data`` (all keys)."""
+        return self._live_portal().call(
+            self._aclient.complete, prompt, headers=headers, timeout=timeout, **extra
+        )
+
+    def resume(
+        self, result_url: str, *, timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT
+    ) -> Completion:
+        """Keep polling a Modal result URL (from ``ResultPendingError.result_url``)."""
+        return self._live_portal().call(self._aclient.resume, result_url, timeout=timeout)
+
+    @overload
+    def generate_many(
+        self,
+        prompts: Iterable[str],
+        *,
+        return_exceptions: Literal[False] = False,
+        stop: StopTypes = None,
+        headers: HeaderTypes = None,
+        timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT,
+        **extra: Any,
+    ) -> list[str]: ...
+
+    @overload
+    def generate_many(
+        self,
+        prompts: Iterable[str],
+        *,
+        return_exceptions: Literal[True],
+        stop: StopTypes = None,
+        headers: HeaderTypes = None,
+        timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT,
+        **extra: Any,
+    ) -> list[str | ModalLLMError]: ...
+
+    def generate_many(
+        self,
+        prompts: Iterable[str],
+        *,
+        return_exceptions: bool = False,
+        stop: StopTypes = None,
+        headers: HeaderTypes = None,
+        timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT,
+        **extra: Any,
+    ) -> list[str] | list[str | ModalLLMError]:
+        """Generate for every prompt concurrently (under ``max_concurrency``), in input order."""
+        # Materialize here: a generator must not be iterated from the loop thread.
+        return self._live_portal().call(
+            self._aclient.generate_many,  # type: ignore[arg-type]  # overloads vs ParamSpec
+            list(prompts),
+            return_exceptions=return_exceptions,
+            stop=stop,
+            headers=headers,
+            timeout=timeout,
+            **extra,
+        )
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        stop: StopTypes = None,
+        headers: HeaderTypes = None,
+        timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT,
+        **extra: Any,
+    ) -> Generator[str, None, None]:
+        """Yield the generated text piece by piece as the endpoint sends it.
+
+        Leaving the loop early (``break``, an exception, Ctrl-C) or ``close()`` on the
+        returned generator closes the HTTP response.
+        """
+        portal = self._live_portal()
+
+        async def open_stream() -> AsyncGenerator[str, None]:
+            return self._aclient.stream(
+                prompt, stop=stop, headers=headers, timeout=timeout, **extra
+            )
+
+        return _pieces(portal, portal.call(open_stream))
+
+
+def _pieces(portal: _LoopThread, agen: AsyncGenerator[str, None]) -> Generator[str, None, None]:
+    try:
+        while True:
+            piece = portal.call(_next_piece, agen)
+            if piece is None:
+                return
+            yield piece
+    finally:
+        portal.close_stream(agen)

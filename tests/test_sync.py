@@ -1,0 +1,354 @@
+"""The blocking ``Client``: delegation, streams, threads, Ctrl-C, running loops and closing.
+
+The endpoint runs on its own thread and loop (``ThreadedEndpoint``), so blocking calls can
+be made from the test's thread, from inside a running loop and from many threads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import gc
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from modal_llm import (
+    Client,
+    ClientClosedError,
+    Completion,
+    ConfigError,
+    ModalLLMError,
+    StatusError,
+    _sync,
+)
+
+WAIT = 10.0
+"""Failsafe for waits on events that should come at once; never reached when tests pass."""
+STREAM_PIECES = ("one ", "two ", "three")
+
+
+class ThreadedEndpoint:
+    """A loopback endpoint on its own thread. The prompt picks the behaviour.
+
+    ``hold:...`` waits for ``release()`` (``received`` is set on arrival, ``disconnected``
+    if the client goes away); ``gate:...`` waits until ``gate_at`` requests are in flight;
+    ``fail:...`` answers 422; anything else is echoed as ``"<prompt> :: <kwargs>"``. With
+    the stream flag the reply is SSE in ``STREAM_PIECES``; ``hold:`` then stops after one.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.gate_at = 1
+        self.peers: set[object] = set()
+        self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.received = threading.Event()
+        self.disconnected = threading.Event()
+        self._server = self._run(self._start())
+        self.url = str(self._server.make_url("/"))
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
+
+    async def _start(self) -> TestServer:
+        self._release = asyncio.Event()
+        self._gate = asyncio.Event()
+        app = web.Application()
+        app.router.add_post("/", self._handle)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        return server
+
+    def release(self) -> None:
+        self.loop.call_soon_threadsafe(self._release.set)
+
+    def close(self) -> None:
+        self.release()
+        self._run(self._server.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(WAIT)
+        self.loop.close()
+
+    @staticmethod
+    def answer(body: dict[str, Any]) -> str:
+        extra = {k: v for k, v in body.items() if k not in ("prompt", "stream")}
+        return f"{body['prompt']} :: {json.dumps(extra, sort_keys=True)}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        self.headers.append(dict(request.headers))
+        self.peers.add(request.transport.get_extra_info("peername") if request.transport else None)
+        prompt: str = body["prompt"]
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if prompt.startswith("fail:"):
+                return web.json_response({"detail": "rejected"}, status=422)
+            if prompt.startswith("gate:"):
+                if self.in_flight >= self.gate_at:
+                    self._gate.set()
+                await asyncio.wait_for(self._gate.wait(), WAIT)
+            if body.get("stream"):
+                return await self._stream(request, hold=prompt.startswith("hold:"))
+            if prompt.startswith("hold:"):
+                await self._hold()
+            return web.json_response({"prompt": self.answer(body), "usage": {"n": 1}})
+        finally:
+            self.in_flight -= 1
+
+    async def _hold(self) -> None:
+        self.received.set()
+        try:
+            await self._release.wait()
+        except asyncio.CancelledError:
+            self.disconnected.set()
+            raise
+
+    async def _stream(self, request: web.Request, *, hold: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for piece in STREAM_PIECES:
+            await resp.write(f"data: {json.dumps({'prompt': piece})}\n\n".encode())
+            if hold:
+                await self._hold()
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+@pytest.fixture
+def endpoint() -> Iterator[ThreadedEndpoint]:
+    server = ThreadedEndpoint()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def client(endpoint: ThreadedEndpoint) -> Iterator[Client]:
+    with Client(endpoint.url, max_retries=0) as client:
+        yield client
+
+
+def test_calls_from_plain_code(client: Client, endpoint: ThreadedEndpoint) -> None:
+    assert client.generate("hi", max_tokens=3) == 'hi :: {"max_tokens": 3}'
+    assert client.generate("hi there", stop=" there") == "hi"
+    reply = client.complete("hi")
+    assert isinstance(reply, Completion)
+    assert reply.data["usage"] == {"n": 1}
+    prompts = [f"p{i}" for i in range(5)]
+    assert client.generate_many(iter(prompts)) == [f"{p} :: {{}}" for p in prompts]
+    assert endpoint.bodies[0] == {"prompt": "hi", "max_tokens": 3}
+
+
+def test_errors_cross_the_thread_unchanged(client: Client) -> None:
+    with pytest.raises(StatusError) as info:
+        client.generate("fail: please")
+    assert info.value.status_code == 422
+    results = client.generate_many(["a", "fail: b", "c"], return_exceptions=True)
+    assert results[0] == "a :: {}"
+    assert isinstance(results[1], StatusError)
+    assert results[2] == "c :: {}"
+    with pytest.raises(ConfigError):
+        client.generate(123)  # type: ignore[arg-type]
+
+
+def test_stream_yields_pieces(client: Client, endpoint: ThreadedEndpoint) -> None:
+    assert list(client.stream("tell me")) == list(STREAM_PIECES)
+    assert endpoint.bodies[-1] == {"prompt": "tell me", "stream": True}
+    assert "".join(client.stream("tell me", stop="two")) == "one "
+
+
+def test_leaving_a_stream_early_closes_the_response(
+    client: Client, endpoint: ThreadedEndpoint
+) -> None:
+    for piece in client.stream("hold: a long story"):
+        assert piece == "one "
+        break
+    assert endpoint.disconnected.wait(WAIT)
+    assert client.generate("still fine") == "still fine :: {}"
+
+
+async def test_works_inside_a_running_loop(endpoint: ThreadedEndpoint) -> None:
+    # asyncio.run() would fail here (a Jupyter cell, or sync code called from async code).
+    asyncio.get_running_loop()
+    with Client(endpoint.url) as client:
+        assert client.generate("in a loop") == "in a loop :: {}"
+        assert list(client.stream("in a loop")) == list(STREAM_PIECES)
+
+
+def test_sixteen_threads_share_one_client_and_pool(endpoint: ThreadedEndpoint) -> None:
+    endpoint.gate_at = 16
+    with (
+        Client(endpoint.url, max_concurrency=16) as client,
+        concurrent.futures.ThreadPoolExecutor(16) as pool,
+    ):
+        prompts = [f"gate: {i}" for i in range(32)]
+        results = list(pool.map(client.generate, prompts))
+    assert results == [f"{p} :: {{}}" for p in prompts]
+    # The gate opens only once 16 requests are in flight together, and never more are.
+    assert endpoint.max_in_flight == 16
+    assert len(endpoint.peers) <= 16  # 32 calls reused the pool's connections
+
+
+def test_generate_many_runs_under_the_limit(endpoint: ThreadedEndpoint) -> None:
+    endpoint.gate_at = 4
+    with Client(endpoint.url, max_concurrency=4) as client:
+        results = client.generate_many([f"gate: {i}" for i in range(12)])
+    assert results == [f"gate: {i} :: {{}}" for i in range(12)]
+    assert endpoint.max_in_flight == 4
+
+
+def test_ctrl_c_cancels_the_call_and_keeps_the_client(
+    client: Client, endpoint: ThreadedEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_wait = _sync._wait_for_result
+    interrupted: list[bool] = []
+
+    def wait_then_ctrl_c(future: concurrent.futures.Future[Any]) -> Any:
+        if not interrupted:  # like a SIGINT arriving while the server holds the request
+            interrupted.append(True)
+            assert endpoint.received.wait(WAIT)
+            raise KeyboardInterrupt
+        return real_wait(future)
+
+    monkeypatch.setattr(_sync, "_wait_for_result", wait_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        client.generate("hold: forever")
+    assert endpoint.disconnected.wait(WAIT)  # the request was cancelled, not left running
+    assert client.generate("next") == "next :: {}"
+    assert not client.closed
+
+
+def test_ctrl_c_during_a_stream_closes_its_response(
+    client: Client, endpoint: ThreadedEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_wait = _sync._wait_for_result
+    waits: list[int] = []
+
+    def ctrl_c_on_second_piece(future: concurrent.futures.Future[Any]) -> Any:
+        waits.append(1)
+        if len(waits) == 3:  # 1: open the stream, 2: first piece, 3: the held second piece
+            assert endpoint.received.wait(WAIT)
+            raise KeyboardInterrupt
+        return real_wait(future)
+
+    monkeypatch.setattr(_sync, "_wait_for_result", ctrl_c_on_second_piece)
+    pieces = client.stream("hold: after one piece")
+    assert next(pieces) == "one "
+    with pytest.raises(KeyboardInterrupt):
+        next(pieces)
+    assert endpoint.disconnected.wait(WAIT)
+    assert list(client.stream("again")) == list(STREAM_PIECES)
+
+
+def test_close_fails_calls_in_flight(client: Client, endpoint: ThreadedEndpoint) -> None:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.generate, "hold: until closed")
+        assert endpoint.received.wait(WAIT)
+        client.close()
+        with pytest.raises(ClientClosedError):
+            pending.result(WAIT)
+
+
+def test_closed_client_cannot_be_reused(endpoint: ThreadedEndpoint) -> None:
+    client = Client(endpoint.url)
+    thread = client._portal._thread  # type: ignore[union-attr]
+    assert client.generate("once") == "once :: {}"
+    client.close()
+    client.close()  # idempotent
+    assert not thread.is_alive()
+    assert client.closed
+    assert repr(client).endswith(" closed>")
+    with pytest.raises(ClientClosedError, match=r"Cannot use a closed client; create a new one\."):
+        client.generate("twice")
+    with pytest.raises(ClientClosedError):
+        client.stream("twice")
+    with pytest.raises(ClientClosedError), client:
+        pass
+
+
+def test_garbage_collected_client_shuts_down(endpoint: ThreadedEndpoint) -> None:
+    client = Client(endpoint.url)
+    client.generate("warm the pool")
+    portal = client._portal
+    assert portal is not None
+    del client
+    gc.collect()
+    assert portal.closed
+    assert not portal._thread.is_alive()
+    assert portal.loop.is_closed()
+
+
+def test_repr_and_errors_hide_credentials(endpoint: ThreadedEndpoint) -> None:
+    with Client(endpoint.url, modal_key="wk-SECRET1", modal_secret="ws-SECRET2") as client:
+        assert client.generate("hi") == "hi :: {}"
+        shown = repr(client) + repr(client.options)
+        assert "SECRET" not in shown
+        assert endpoint.url.rstrip("/") in repr(client)
+    assert endpoint.headers[0]["Modal-Key"] == "wk-SECRET1"
+
+
+def test_bad_options_fail_before_a_thread_starts() -> None:
+    def loop_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "modal-llm-loop"}
+
+    before = loop_threads()
+    with pytest.raises(ConfigError):
+        Client("ftp://example.com")
+    with pytest.raises(ConfigError):
+        Client("http://127.0.0.1:1/", max_concurrency=0)
+    assert loop_threads() <= before
+
+
+EXIT_SCRIPT = textwrap.dedent(
+    """
+    import gc, sys
+    from modal_llm import Client
+
+    url = sys.argv[1]
+    dropped = Client(url)
+    dropped.generate("dropped")
+    del dropped
+    gc.collect()
+    left_open = Client(url, max_concurrency=4)
+    print(left_open.generate("left open"))
+    pieces = left_open.stream("hold: never finished")
+    print(next(pieces))
+    """
+)
+
+
+def test_interpreter_exit_with_an_open_client_is_quiet(endpoint: ThreadedEndpoint) -> None:
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-W", "always", "-c", EXIT_SCRIPT, endpoint.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": ""},
+    )
+    assert done.stderr == ""
+    assert done.returncode == 0
+    assert done.stdout.splitlines() == ["left open :: {}", "one "]
+    assert endpoint.disconnected.wait(WAIT)  # exit closed the abandoned stream's response
+
+
+def test_is_a_modal_llm_error_everywhere(client: Client) -> None:
+    client.close()
+    with pytest.raises(ModalLLMError):
+        client.generate_many(["x"])
