@@ -26,3 +26,14 @@ async def usage() -> None:
         )
         async for piece in client.stream("hi", stop=["\n"]):
             assert_type(piece, str)
+
+
+def sync_usage() -> None:
+    from modal_llm import Client
+
+    with Client("https://me--llm.modal.run", max_concurrency=4) as client:
+        assert_type(client.generate("hi"), str)
+        assert_type(client.generate_many(["a"]), list[str])
+        assert_type(client.generate_many(["a"], return_exceptions=True), list[str | ModalLLMError])
+        for piece in client.stream("hi"):
+            assert_type(piece, str)
