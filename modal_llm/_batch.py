@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sized
 from typing import TypeVar
 
 __all__ = ["gather_bounded"]
@@ -39,7 +39,8 @@ async def gather_bounded(
                     raise
                 results[index] = exc
 
-    workers = [asyncio.ensure_future(worker()) for _ in range(max(1, concurrency))]
+    size = len(items) if isinstance(items, Sized) else concurrency
+    workers = [asyncio.ensure_future(worker()) for _ in range(max(1, min(concurrency, size)))]
     try:
         await asyncio.gather(*workers)
     except BaseException:

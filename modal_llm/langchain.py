@@ -379,7 +379,11 @@ class Modal(LLM):
             texts: list[Any] = await gather_bounded(one, prompts, concurrency=self.max_concurrency)
         else:
             client = await self._aclient()
-            texts = await client.generate_many(prompts, **self._params(stop, kwargs))
+            params = self._params(stop, kwargs)
+            if len(prompts) == 1:  # ainvoke: no fan-out machinery for a single prompt
+                texts = [await client.generate(prompts[0], **params)]
+            else:
+                texts = await client.generate_many(prompts, **params)
         return LLMResult(generations=[[Generation(text=text)] for text in texts])
 
     # -- batches: one LangChain run per prompt, so errors stay per prompt ------------------
