@@ -44,6 +44,7 @@ from ._exceptions import (
     StreamInterruptedError,
     TransportError,
 )
+from ._fanout import AdaptiveConcurrency, BatchItem, BatchResult, RateLimiter
 from ._models import Completion
 from ._sync import Client
 
@@ -55,8 +56,11 @@ __all__ = [
     "DEFAULT_RETRY_STATUSES",
     "DEFAULT_TIMEOUT",
     "USE_CLIENT_DEFAULT",
+    "AdaptiveConcurrency",
     "AsyncClient",
     "AuthenticationError",
+    "BatchItem",
+    "BatchResult",
     "Client",
     "ClientClosedError",
     "ClientOptions",
@@ -67,6 +71,7 @@ __all__ = [
     "EndpointTimeoutError",
     "ModalLLMError",
     "RateLimitError",
+    "RateLimiter",
     "RedirectError",
     "ReplyTooLargeError",
     "ResultPendingError",

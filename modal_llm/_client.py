@@ -13,7 +13,7 @@ import enum
 import logging
 import os
 import warnings
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, overload
 from urllib.parse import urljoin
@@ -50,6 +50,14 @@ from ._exceptions import (
     TransportError,
     redact_url,
     status_error_class,
+)
+from ._fanout import (
+    AdaptiveConcurrency,
+    BatchResult,
+    ProgressCallback,
+    PromptLike,
+    RateLimiter,
+    fan_out,
 )
 from ._models import Completion, parse_reply
 from ._retry import is_retryable, parse_retry_after, retry_call
@@ -431,6 +439,48 @@ class AsyncClient:
             if isinstance(item, BaseException) and not isinstance(item, ModalLLMError):
                 raise item
         return results  # type: ignore[return-value]
+
+    def map(
+        self,
+        items: Iterable[PromptLike] | AsyncIterable[PromptLike],
+        *,
+        ordered: bool = False,
+        concurrency: int | None = None,
+        window: int | None = None,
+        rate_limit: float | RateLimiter | None = None,
+        adaptive: bool | AdaptiveConcurrency = False,
+        progress: bool = False,
+        on_progress: ProgressCallback | None = None,
+        total: int | None = None,
+        stop: StopTypes = None,
+        headers: HeaderTypes = None,
+        timeout: TimeoutTypes | _UseClientDefault = USE_CLIENT_DEFAULT,
+        **extra: Any,
+    ) -> AsyncGenerator[BatchResult, None]:
+        """Generate for every item, pulled lazily; yield a ``BatchResult`` per item.
+
+        ``items`` holds prompts, ``BatchItem``s or ``{"prompt", "id", **extra}`` mappings,
+        from any iterable or async iterable. At most ``concurrency`` (default
+        ``max_concurrency``) run at once and ``window`` (default twice that) are pulled
+        ahead of you, so memory stays flat for millions of prompts. ``ordered=True`` keeps
+        input order. Failed items carry their ``ModalLLMError``. See docs/batch.md.
+        """
+        return fan_out(
+            self,
+            items,
+            ordered=ordered,
+            concurrency=concurrency,
+            window=window,
+            rate_limit=rate_limit,
+            adaptive=adaptive,
+            progress=progress,
+            on_progress=on_progress,
+            total=total,
+            stop=stop,
+            headers=headers,
+            timeout=timeout,
+            extra=extra,
+        )
 
     def stream(
         self,

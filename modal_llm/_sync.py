@@ -23,6 +23,7 @@ from ._client import AsyncClient
 from ._config import USE_CLIENT_DEFAULT, ClientOptions, ClientSettings, TimeoutTypes
 from ._config import _UseClientDefault as _UseDefault
 from ._exceptions import ClientClosedError, ModalLLMError, redact_url
+from ._fanout import BatchResult, PromptLike
 from ._models import Completion
 from ._types import HeaderTypes, StopTypes
 
@@ -134,7 +135,7 @@ class _LoopThread:
             loop.call_soon_threadsafe(loop.stop)
         self._thread.join(CLOSE_TIMEOUT)
 
-    def close_stream(self, agen: AsyncGenerator[str, None]) -> None:
+    def close_stream(self, agen: AsyncGenerator[Any, None]) -> None:
         """Close an abandoned stream's async generator (and so its HTTP response)."""
         if self.closed:
             return  # the loop already closed it in shutdown_asyncgens()
@@ -161,7 +162,7 @@ async def _open(options: ClientOptions) -> AsyncClient:
     return client
 
 
-async def _next_piece(agen: AsyncGenerator[str, None]) -> str | None:
+async def _next_piece(agen: AsyncGenerator[T, None]) -> T | None:
     # StopAsyncIteration becomes None: it must not cross into concurrent.futures.
     try:
         return await agen.__anext__()
@@ -359,8 +360,23 @@ class Client:
 
         return _pieces(portal, portal.call(open_stream))
 
+    def map(
+        self, items: Iterable[PromptLike], **options: Any
+    ) -> Generator[BatchResult, None, None]:
+        """Blocking ``AsyncClient.map``: one ``BatchResult`` per item, pulled lazily.
 
-def _pieces(portal: _LoopThread, agen: AsyncGenerator[str, None]) -> Generator[str, None, None]:
+        Takes the same keyword options (``ordered``, ``concurrency``, ``rate_limit``,
+        ``adaptive``, ``progress``, ...). Leaving the loop early cancels what is in flight.
+        """
+        portal = self._live_portal()
+
+        async def open_map() -> AsyncGenerator[BatchResult, None]:
+            return self._aclient.map(items, **options)
+
+        return _pieces(portal, portal.call(open_map))
+
+
+def _pieces(portal: _LoopThread, agen: AsyncGenerator[T, None]) -> Generator[T, None, None]:
     try:
         while True:
             piece = portal.call(_next_piece, agen)

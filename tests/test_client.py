@@ -736,3 +736,19 @@ async def test_body_stall_is_a_read_timeout_not_retried(make_endpoint: MakeEndpo
         release.set()
     assert info.value.phase == "read"
     assert rec.posts == 1
+
+
+async def test_map_yields_batch_results(make_endpoint: MakeEndpoint) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["prompt"] == "bad":
+            return web.Response(status=400, text="no")
+        return reply(body["prompt"].upper() + str(body.get("n", "")))
+
+    items = ["a", {"prompt": "b", "id": "x", "n": 2}, "bad"]
+    async with AsyncClient(await make_endpoint(handler), retry=NO_WAIT) as c:
+        results = [r async for r in c.map(iter(items), ordered=True)]
+    assert [r.text for r in results] == ["A", "B2", None]
+    assert [r.id for r in results] == [0, "x", 2]
+    assert isinstance(results[2].error, StatusError)
+    assert results[0].attempts == 1

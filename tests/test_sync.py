@@ -352,3 +352,45 @@ def test_is_a_modal_llm_error_everywhere(client: Client) -> None:
     client.close()
     with pytest.raises(ModalLLMError):
         client.generate_many(["x"])
+
+
+def test_blocking_map_yields_results_in_order() -> None:
+    import asyncio as _asyncio
+    import threading as _threading
+
+    from aiohttp import web as _web
+    from aiohttp.test_utils import TestServer
+
+    from modal_llm import Client as _Client
+
+    async def handler(request: _web.Request) -> _web.Response:
+        body = await request.json()
+        return _web.json_response({"prompt": body["prompt"] * 2})
+
+    ready = _threading.Event()
+    state: dict[str, object] = {}
+
+    def run_server() -> None:
+        loop = _asyncio.new_event_loop()
+        app = _web.Application()
+        app.router.add_post("/", handler)
+        server = TestServer(app, host="127.0.0.1", loop=loop)
+        loop.run_until_complete(server.start_server())
+        state["url"], state["loop"], state["server"] = str(server.make_url("/")), loop, server
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(server.close())
+        loop.close()
+
+    thread = _threading.Thread(target=run_server, daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        with _Client(str(state["url"])) as client:
+            results = list(client.map(["a", "b", "c"], ordered=True))
+        assert [r.text for r in results] == ["aa", "bb", "cc"]
+    finally:
+        loop = state["loop"]
+        assert isinstance(loop, _asyncio.AbstractEventLoop)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
