@@ -755,6 +755,12 @@ async def serve(
         await site.start()
         yield _base_url(host, runner.addresses[0][1])
     finally:
+        # Stop accepting first, then let the loop finish any accept already under way so
+        # that cleanup sees (and closes) its connection instead of leaking the socket.
+        for site in list(runner.sites):
+            await site.stop()
+        # asyncio finishes an accept in a task of its own, a few loop turns later.
+        await asyncio.sleep(0.01)
         await runner.cleanup()
 
 
