@@ -164,6 +164,15 @@ class _LineDecoder:
         if self._error is not None:
             raise self._error
 
+    def _hold(self, partial: list[Any], size: int, chunk: str | bytes) -> int:
+        """Keep an unfinished line; return its new size; refuse past ``max_buffer``."""
+        partial.append(chunk)
+        size += len(chunk)
+        if size > self._max:
+            self._error = _too_large(self._max)
+            raise self._error
+        return size
+
 
 class SSEDecoder(_LineDecoder):
     """Server-Sent Events (``text/event-stream``) parsed per the WHATWG spec.
@@ -217,7 +226,7 @@ class SSEDecoder(_LineDecoder):
                     return []
         has_cr = "\r" in text
         if not has_cr and "\n" not in text:
-            self._hold(text)
+            self._partial_len = self._hold(self._partial, self._partial_len, text)
             return []
         if self._partial:
             text = "".join(self._partial) + text
@@ -231,7 +240,7 @@ class SSEDecoder(_LineDecoder):
         rest = lines.pop()
         pieces = self._lines(lines)
         if rest and not self.terminated and self._error is None:
-            self._hold(rest)
+            self._partial_len = self._hold(self._partial, self._partial_len, rest)
         return pieces
 
     def finish(self) -> list[str]:
@@ -248,13 +257,6 @@ class SSEDecoder(_LineDecoder):
         if self._data == ["[DONE]"] and self._event not in ("error", "ping"):
             self.terminated = True
         return []
-
-    def _hold(self, text: str) -> None:
-        self._partial.append(text)
-        self._partial_len += len(text)
-        if self._partial_len > self._max:
-            self._error = _too_large(self._max)
-            raise self._error
 
     def _lines(self, lines: list[str]) -> list[str]:
         pieces: list[str] = []
@@ -352,7 +354,7 @@ class NDJSONDecoder(_LineDecoder):
         self._raise_pending()
         if b"\n" not in data:
             if data:
-                self._hold(data)
+                self._partial_len = self._hold(self._partial, self._partial_len, data)
             return []
         if self._partial:
             data = b"".join(self._partial) + data
@@ -362,7 +364,7 @@ class NDJSONDecoder(_LineDecoder):
         rest = lines.pop()
         pieces = self._lines(lines)
         if rest and self._error is None:
-            self._hold(rest)
+            self._partial_len = self._hold(self._partial, self._partial_len, rest)
         return pieces
 
     def finish(self) -> list[str]:
@@ -372,13 +374,6 @@ class NDJSONDecoder(_LineDecoder):
         self._partial.clear()
         self._partial_len = 0
         return self._lines([line])
-
-    def _hold(self, data: bytes) -> None:
-        self._partial.append(data)
-        self._partial_len += len(data)
-        if self._partial_len > self._max:
-            self._error = _too_large(self._max)
-            raise self._error
 
     def _lines(self, lines: list[bytes]) -> list[str]:
         pieces: list[str] = []

@@ -757,8 +757,8 @@ async def serve(
     finally:
         # Stop accepting first, then let the loop finish any accept already under way so
         # that cleanup sees (and closes) its connection instead of leaking the socket.
-        for site in list(runner.sites):
-            await site.stop()
+        for running in list(runner.sites):
+            await running.stop()
         # asyncio finishes an accept in a task of its own, a few loop turns later.
         await asyncio.sleep(0.01)
         await runner.cleanup()
