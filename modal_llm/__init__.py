@@ -46,6 +46,7 @@ from ._exceptions import (
 )
 from ._fanout import AdaptiveConcurrency, BatchItem, BatchResult, RateLimiter
 from ._models import Completion
+from ._run import run
 from ._sync import Client
 
 __all__ = [
@@ -83,6 +84,7 @@ __all__ = [
     "StreamInterruptedError",
     "Timeout",
     "TransportError",
+    "run",
 ]
 
 

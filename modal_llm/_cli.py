@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import IO, Any, Final, NoReturn, TypeVar
 
 from ._client import AsyncClient
@@ -33,6 +33,7 @@ from ._exceptions import (
     TransportError,
 )
 from ._fanout import BatchItem, BatchResult, fan_out
+from ._run import run
 
 __all__ = ["EXIT_CODES", "build_parser", "main"]
 
@@ -64,7 +65,6 @@ EXIT_CODES: Final = {
 }
 
 PROG: Final = "modal-llm"
-ENV_NO_UVLOOP: Final = "MODAL_LLM_NO_UVLOOP"
 _READ_CHUNK: Final = 64 * 1024
 T = TypeVar("T")
 
@@ -258,19 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
 # -- running ----------------------------------------------------------------------------------
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop when it is installed (and not disabled by MODAL_LLM_NO_UVLOOP)."""
-    if not os.environ.get(ENV_NO_UVLOOP):
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            result: T = uvloop.run(coro)
-            return result
-    return asyncio.run(coro)
-
-
 def _fail(code: int, message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
@@ -303,8 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {__version__}")
         return EXIT_OK
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "demo": lambda args: _run(_demo(args)),
-        "generate": lambda args: _run(_generate(args)),
+        "demo": lambda args: run(_demo(args)),
+        "generate": lambda args: run(_generate(args)),
         "batch": _batch,
     }
     if args.command not in handlers:
@@ -627,7 +614,7 @@ def _batch(args: argparse.Namespace) -> int:
         name = "<stdin>" if args.input == "-" else args.input
         source = _BatchInput(name, args.format, done, progress)
         chunks = functools.partial(_stdin_chunks if piped else _file_chunks, stream)
-        ok, failed = _run(_run_batch(args, source, chunks, out, progress))
+        ok, failed = run(_run_batch(args, source, chunks, out, progress))
     parts = [f"{ok} succeeded", f"{failed} failed"]
     if source.bad:
         parts.append(f"{source.bad} bad input lines skipped")

@@ -37,3 +37,12 @@ def test_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_run_uses_the_default_loop_when_uvloop_is_refused() -> None:
+    import asyncio
+
+    async def loop_name() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert modal_llm.run(loop_name(), uvloop=False).startswith("asyncio")
