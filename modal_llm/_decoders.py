@@ -16,7 +16,7 @@ import codecs
 import contextlib
 import json
 import re
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._exceptions import (
     ContractError,
@@ -25,7 +25,9 @@ from ._exceptions import (
     ServerStreamError,
     excerpt,
 )
-from ._models import Completion, parse_reply
+
+if TYPE_CHECKING:
+    from ._models import Completion
 
 __all__ = [
     "DEFAULT_MAX_BUFFER",
@@ -487,6 +489,8 @@ class JSONDecoder:
 
     def finish(self) -> list[str]:
         """Parse the body; return its text as one piece (none if empty)."""
+        from ._models import parse_reply  # pydantic loads on first use, not on import
+
         self.completion = parse_reply(b"".join(self._parts))
         self._parts.clear()
         text = self.completion.text

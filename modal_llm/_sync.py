@@ -24,11 +24,12 @@ from ._config import USE_CLIENT_DEFAULT, ClientOptions, ClientSettings, TimeoutT
 from ._config import _UseClientDefault as _UseDefault
 from ._exceptions import ClientClosedError, ModalLLMError, redact_url
 from ._fanout import BatchResult, PromptLike
-from ._models import Completion
 from ._types import HeaderTypes, StopTypes
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec, Unpack
+
+    from ._models import Completion
 
     P = ParamSpec("P")
 
