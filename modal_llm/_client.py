@@ -21,7 +21,7 @@ from urllib.parse import urljoin
 import aiohttp
 from pydantic_core import PydanticSerializationError, to_json
 
-from ._auth import credential_headers, same_origin, strip_credentials
+from ._auth import CREDENTIAL_HEADERS, credential_headers, same_origin, strip_credentials
 from ._batch import gather_bounded
 from ._config import (
     DNS_CACHE_TTL,
@@ -39,6 +39,7 @@ from ._exceptions import (
     ClientClosedError,
     ConfigError,
     ConnectError,
+    ContractError,
     EndpointTimeoutError,
     ModalLLMError,
     RedirectError,
@@ -48,6 +49,7 @@ from ._exceptions import (
     StreamError,
     StreamInterruptedError,
     TransportError,
+    excerpt,
     redact_url,
     status_error_class,
 )
@@ -244,6 +246,10 @@ class AsyncClient:
         base.update(self._credentials)
         self._headers = base
         self._stream_headers = {**base, "Accept": STREAM_ACCEPT}
+        # Our credential values, masked in error bodies in case a server echoes them back.
+        self._secrets = tuple(
+            v.encode() for k, v in base.items() if k.lower() in CREDENTIAL_HEADERS and v
+        )
         self._failure_listeners: list[Callable[[ModalLLMError], None]] = []
         self._state = _State.UNOPENED
 
@@ -382,7 +388,7 @@ class AsyncClient:
         call = self._new_call(b"", self._headers, timeout)
         reply = _Reply(303, b"", result_url, self._url)
         reply = await self._follow(reply, call)
-        return parse_reply(reply.body, status_code=reply.status, url=reply.url)
+        return self._parse(reply)
 
     @overload
     async def generate_many(
@@ -563,7 +569,7 @@ class AsyncClient:
             reply, attempts = await self._exchange("POST", self._url, call.body, call)
             if reply.location is not None:
                 reply = await self._follow(reply, call)
-            return parse_reply(reply.body, status_code=reply.status, url=reply.url), attempts
+            return self._parse(reply), attempts
         remaining = call.deadline_at - asyncio.get_running_loop().time()
         try:
             return await asyncio.wait_for(self._post_and_follow(call), remaining)
@@ -584,8 +590,20 @@ class AsyncClient:
         reply, attempts = await self._exchange("POST", self._url, call.body, call)
         if reply.location is not None:
             reply = await self._follow(reply, call)
-        completion = parse_reply(reply.body, status_code=reply.status, url=reply.url)
-        return completion, attempts
+        return self._parse(reply), attempts
+
+    def _parse(self, reply: _Reply) -> Completion:
+        try:
+            return parse_reply(reply.body, status_code=reply.status, url=reply.url)
+        except ContractError as exc:
+            exc.body_excerpt = excerpt(self._mask(reply.body))
+            raise
+
+    def _mask(self, body: bytes) -> bytes:
+        """``body`` with our credential values replaced by ``***`` (an echo must not leak them)."""
+        for secret in self._secrets:
+            body = body.replace(secret, b"***")
+        return body
 
     async def _follow(self, reply: _Reply, call: _Call) -> _Reply:
         """Follow Modal's 303 result-URL chain with GET; never re-send the POST."""
@@ -744,7 +762,7 @@ class AsyncClient:
         return cls(
             status_code=resp.status,
             reason=resp.reason or "",
-            body=body,
+            body=self._mask(body),
             headers=headers,
             retry_after=retry_after,
             url=url,
@@ -945,6 +963,8 @@ class AsyncClient:
             if isinstance(exc, ConnectError) and not isinstance(exc, ServerStreamError):
                 # Nothing has reached the caller yet, so a drop here is safe to retry.
                 exc.before_response = True
+            elif isinstance(exc, ContractError) and self._secrets:  # a JSON reply, echoed
+                exc.body_excerpt = self._mask(exc.body_excerpt.encode()).decode()
             _abandon(resp)
             slot.release()
             raise

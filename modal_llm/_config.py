@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -234,14 +235,19 @@ class ClientSettings(TypedDict, total=False):
     connection_limit: int | None
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token
+# RFC 9110 5.5: no control character but HTAB in a value (aiohttp raises ValueError on send).
+_HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _check_header(name: str, value: str) -> None:
     if not isinstance(name, str) or not isinstance(value, str):
         raise ConfigError(f"header names and values must be str, not {name!r}: {type(value)}")
-    if any(c in name for c in "\r\n:") or not name.strip():
+    if not _HEADER_NAME.fullmatch(name):
         raise ConfigError(f"invalid header name {name!r}")
-    if "\r" in value or "\n" in value or "\0" in value:
+    if _HEADER_VALUE_FORBIDDEN.search(value):
         # Header injection: a CR/LF in a value would let it start a new header line.
-        raise ConfigError(f"header {name!r} has a CR, LF or NUL in its value")
+        raise ConfigError(f"header {name!r} has a CR, LF, NUL or other control character")
 
 
 def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -257,7 +263,14 @@ _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def _is_loopback(host: str) -> bool:
-    return host in _LOOPBACK_HOSTS or host.startswith("127.") or host.endswith(".localhost")
+    if host in _LOOPBACK_HOSTS or host.endswith(".localhost"):
+        return True
+    import ipaddress  # lazily: only for credentials over http://
+
+    try:  # only an IP literal counts: a name such as "127.example.com" resolves anywhere
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -320,7 +333,7 @@ class ClientOptions:
                     "sending Modal-Key/Modal-Secret over plain http:// to a non-loopback host "
                     "exposes them on the network; use https://",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=3,  # build() <- AsyncClient/Client.__init__ <- the caller
                 )
 
         headers = validate_headers(kw.get("headers"))  # type: ignore[arg-type]

@@ -445,6 +445,11 @@ class TextDecoder:
             raise ContractError(f"reply cannot be decoded as {self.charset}", body=data) from None
 
 
+# Python codecs that are no charset, and whose incremental decoders give a different text
+# depending on where the chunks split (an octal escape, a punycode label): read as unknown.
+_NOT_CHARSETS = frozenset({"punycode", "unicode-escape"})
+
+
 def _text_codec(charset: str | None) -> str:
     """The Python codec for a charset: utf-8-sig for UTF-8 and for unknown or non-text ones."""
     if not charset:
@@ -454,7 +459,7 @@ def _text_codec(charset: str | None) -> str:
         "".encode(name)  # refuses bytes-to-bytes codecs such as "hex"
     except (LookupError, ValueError):
         return "utf-8-sig"
-    return "utf-8-sig" if name == "utf-8" else name
+    return "utf-8-sig" if name == "utf-8" or name in _NOT_CHARSETS else name
 
 
 class JSONDecoder:

@@ -26,7 +26,9 @@ class Completion(BaseModel):
         reply.data["usage"]   # any other key the endpoint returned
     """
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    # Cache keys only: generated texts are unique, so caching them (pydantic-core's default)
+    # would only hold up to 16384 of them in memory for the life of the process.
+    model_config = ConfigDict(extra="allow", frozen=True, cache_strings="keys")
 
     prompt: StrictStr
     """The generated text. The contract reuses the key ``prompt`` for the reply."""
