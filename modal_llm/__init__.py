@@ -10,7 +10,7 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._client import AsyncClient
 from ._config import (
@@ -45,7 +45,6 @@ from ._exceptions import (
     TransportError,
 )
 from ._fanout import AdaptiveConcurrency, BatchItem, BatchResult, RateLimiter
-from ._models import Completion
 from ._run import run
 from ._sync import Client
 
@@ -88,6 +87,10 @@ __all__ = [
 ]
 
 
+if TYPE_CHECKING:
+    from ._models import Completion
+
+
 def __getattr__(name: str) -> Any:
     # Served lazily so that importing the package never reads distribution metadata.
     if name == "__version__":
@@ -97,4 +100,13 @@ def __getattr__(name: str) -> Any:
             return version("modal-llm")
         except PackageNotFoundError:
             return "0.0.0+unknown"
+    if name == "Completion":
+        # Lazy: pydantic's model machinery loads with the first reply, not on import.
+        from ._models import Completion
+
+        return Completion
     raise AttributeError(f"module 'modal_llm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "Completion", "__version__"})

@@ -7,7 +7,9 @@ from urllib.parse import urlsplit
 
 __all__ = ["CREDENTIAL_HEADERS", "credential_headers", "origin", "same_origin"]
 
-CREDENTIAL_HEADERS: Final = frozenset({"modal-key", "modal-secret", "authorization"})
+CREDENTIAL_HEADERS: Final = frozenset(
+    {"modal-key", "modal-secret", "authorization", "proxy-authorization", "cookie"}
+)
 """Headers stripped from any request to another origin (any redirect status, any hop)."""
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}

@@ -61,13 +61,14 @@ from ._fanout import (
     RateLimiter,
     fan_out,
 )
-from ._models import Completion, parse_reply
 from ._retry import is_retryable, parse_retry_after, retry_call
 from ._stop import StopMatcher, normalize_stop
 from ._types import HeaderTypes, StopTypes
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from ._models import Completion
 
 __all__ = ["AsyncClient"]
 
@@ -175,6 +176,8 @@ class _ErrorMap:
         if isinstance(exc, aiohttp.ClientConnectorError):
             return ConnectError(f"cannot connect: {exc.os_error or exc}", url=url)
         if isinstance(exc, aiohttp.InvalidURL):
+            if url != self.client._url:  # a Location the server sent, not the caller's URL
+                return RedirectError("redirect to an invalid URL", url=self.client._url)
             return ConfigError(f"invalid URL: {exc}", url=url)
         if isinstance(exc, aiohttp.ClientPayloadError):
             return ConnectError(
@@ -593,6 +596,10 @@ class AsyncClient:
         return self._parse(reply), attempts
 
     def _parse(self, reply: _Reply) -> Completion:
+        # Imported here so that ``import modal_llm`` does not pay for pydantic's model
+        # machinery; after the first reply this is a dictionary lookup.
+        from ._models import parse_reply
+
         try:
             return parse_reply(reply.body, status_code=reply.status, url=reply.url)
         except ContractError as exc:

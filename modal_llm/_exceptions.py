@@ -53,7 +53,9 @@ __all__ = [
 BODY_EXCERPT_BYTES = 300
 """How much of an error body an exception keeps and shows."""
 
-_SENSITIVE_HEADERS = frozenset({"modal-key", "modal-secret", "authorization", "cookie"})
+_SENSITIVE_HEADERS = frozenset(
+    {"modal-key", "modal-secret", "authorization", "proxy-authorization", "cookie", "set-cookie"}
+)
 
 
 def redact_url(url: object) -> str:
