@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import os
 import warnings
@@ -254,6 +255,8 @@ class AsyncClient:
             v.encode() for k, v in base.items() if k.lower() in CREDENTIAL_HEADERS and v
         )
         self._failure_listeners: list[Callable[[ModalLLMError], None]] = []
+        self._key_prefix = os.urandom(12).hex()
+        self._key_counter = itertools.count()
         self._state = _State.UNOPENED
 
     @property
@@ -543,7 +546,8 @@ class AsyncClient:
         timeout: TimeoutTypes | _UseClientDefault,
     ) -> _Call:
         call_headers = dict(base_headers)
-        call_headers[IDEMPOTENCY_HEADER] = os.urandom(16).hex()  # 4x cheaper than uuid4
+        # Unique per logical call: a random per-client prefix and a counter (no syscall).
+        call_headers[IDEMPOTENCY_HEADER] = f"{self._key_prefix}{next(self._key_counter):08x}"
         call_headers[ATTEMPT_HEADER] = "1"
         if isinstance(timeout, _UseClientDefault):
             parts = self._options.timeout
@@ -569,7 +573,11 @@ class AsyncClient:
         call = self._prepare(prompt, headers, timeout, extra)
         if call.deadline_at is None:
             # The common path, inlined: one POST, maybe a 303 chain, one parse.
-            reply, attempts = await self._exchange("POST", self._url, call.body, call)
+            url = self._url
+            try:
+                reply, attempts = await self._fetch("POST", url, call.body, call, 1), 1
+            except ModalLLMError as exc:
+                reply, attempts = await self._retry("POST", url, call.body, call, exc)
             if reply.location is not None:
                 reply = await self._follow(reply, call)
             return self._parse(reply), attempts
@@ -660,13 +668,17 @@ class AsyncClient:
         try:
             return await self._fetch(method, url, data, call, 1), 1
         except ModalLLMError as exc:
-            self._notify_failure(exc)
-            policy = self._options.retry
-            if policy.max_retries == 0 or not is_retryable(exc, policy):
-                exc.attempts = 1
-                raise
-            first_error = exc
+            return await self._retry(method, url, data, call, exc)
 
+    async def _retry(
+        self, method: str, url: str, data: bytes | None, call: _Call, first_error: ModalLLMError
+    ) -> tuple[_Reply, int]:
+        """Continue an exchange whose first attempt failed: retry it or raise."""
+        self._notify_failure(first_error)
+        policy = self._options.retry
+        if policy.max_retries == 0 or not is_retryable(first_error, policy):
+            first_error.attempts = 1
+            raise first_error
         attempts = 1
 
         async def attempt(number: int) -> _Reply:
@@ -680,11 +692,7 @@ class AsyncClient:
 
         loop = asyncio.get_running_loop()
         reply = await retry_call(
-            attempt,
-            first_error,
-            self._options.retry,
-            deadline_at=call.deadline_at,
-            clock=loop.time,
+            attempt, first_error, policy, deadline_at=call.deadline_at, clock=loop.time
         )
         return reply, attempts
 
@@ -1003,12 +1011,14 @@ def _set_read_timeout(resp: aiohttp.ClientResponse, seconds: float) -> None:
     aiohttp has one ``sock_read`` for both; its own websocket code adjusts
     ``protocol.read_timeout`` the same way once the handshake is done.
     """
+    if resp.content.is_eof():
+        # The whole body is in (the usual case for a JSON reply); aiohttp dropped the
+        # timer at EOF, and a re-armed one would fire later on an idle pooled socket.
+        return
     connection = resp.connection
     if connection is not None and connection.protocol is not None:
         protocol = connection.protocol
         protocol.read_timeout = seconds
         # The running timer still counts the first-byte timeout until the next data
-        # arrives; restart it now, unless the body is complete (aiohttp dropped the
-        # timer at EOF, and a re-armed one would fire later on an idle pooled socket).
-        if not resp.content.is_eof():
-            protocol.start_timeout()
+        # arrives; restart it so the between-chunks timeout applies from now on.
+        protocol.start_timeout()
