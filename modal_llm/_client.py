@@ -243,7 +243,8 @@ class AsyncClient:
         self._url = options.endpoint_url
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slot: asyncio.Semaphore | None = None
-        self._aio_timeout = options.timeout.to_aiohttp()
+        self._aio_timeout = options.timeout.to_aiohttp(streaming=False)
+        self._aio_stream_timeout = options.timeout.to_aiohttp(streaming=True)
         self._credentials = credential_headers(options.modal_key, options.modal_secret)
         base = {"Content-Type": "application/json", "User-Agent": _user_agent()}
         base.update(options.headers)
@@ -537,13 +538,15 @@ class AsyncClient:
         base = self._stream_headers if streaming else self._headers
         if headers:
             base = {**base, **validate_headers(headers)}
-        return self._new_call(body, base, timeout)
+        return self._new_call(body, base, timeout, streaming=streaming)
 
     def _new_call(
         self,
         body: bytes,
         base_headers: dict[str, str],
         timeout: TimeoutTypes | _UseClientDefault,
+        *,
+        streaming: bool = False,
     ) -> _Call:
         call_headers = dict(base_headers)
         # Unique per logical call: a random per-client prefix and a counter (no syscall).
@@ -551,14 +554,16 @@ class AsyncClient:
         call_headers[ATTEMPT_HEADER] = "1"
         if isinstance(timeout, _UseClientDefault):
             parts = self._options.timeout
-            aio_timeout = self._aio_timeout
+            aio_timeout = self._aio_stream_timeout if streaming else self._aio_timeout
         else:
             parts = coerce_timeout(timeout)
-            aio_timeout = parts.to_aiohttp()
+            aio_timeout = parts.to_aiohttp(streaming=streaming)
         deadline_at = None
         if parts.deadline is not None:
             deadline_at = asyncio.get_running_loop().time() + parts.deadline
-        read = parts.read if parts.read != parts.first_byte else None
+        read = parts.read
+        if streaming and read == parts.first_byte:
+            read = None  # sock_read already holds that value
         return _Call(body, call_headers, aio_timeout, read, deadline_at)
 
     async def _complete(

@@ -153,14 +153,24 @@ class Timeout:
         values.update(changes)
         return Timeout(**values)
 
-    def to_aiohttp(self) -> aiohttp.ClientTimeout:
-        """The aiohttp timeout for one HTTP request (no ``total``: it would span redirects)."""
+    def to_aiohttp(self, *, streaming: bool) -> aiohttp.ClientTimeout:
+        """The aiohttp timeout for one HTTP request (one attempt, one hop: never the call).
+
+        Either way the client switches the socket to ``read`` once the headers are in, so
+        the long cold-start wait never applies between body chunks.
+        """
         import aiohttp
 
-        # sock_read is first_byte here; the client switches the socket to ``read`` once the
-        # headers are in, so the long cold-start wait never applies between body chunks.
+        if streaming:
+            # A stream may run for as long as its chunks keep coming, so no total here:
+            # sock_read bounds the wait for the headers.
+            return aiohttp.ClientTimeout(
+                total=None, connect=None, sock_connect=self.connect, sock_read=self.first_byte
+            )
+        # One request with a small reply: a single timer over the exchange (aiohttp's
+        # ``total``) is far cheaper than re-arming ``sock_read`` on every packet.
         return aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=self.connect, sock_read=self.first_byte
+            total=self.first_byte, connect=None, sock_connect=self.connect, sock_read=None
         )
 
 
