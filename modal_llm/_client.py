@@ -65,6 +65,7 @@ from ._fanout import (
 from ._retry import is_retryable, parse_retry_after, retry_call
 from ._stop import StopMatcher, normalize_stop
 from ._types import HeaderTypes, StopTypes
+from ._watch import FirstByteWatch
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -101,7 +102,15 @@ class _State(enum.Enum):
 class _Call:
     """Per logical call state, worked out once and shared by every attempt and hop."""
 
-    __slots__ = ("aio_timeout", "body", "deadline_at", "headers", "read_timeout", "result_url")
+    __slots__ = (
+        "aio_timeout",
+        "body",
+        "deadline_at",
+        "first_byte",
+        "headers",
+        "read_timeout",
+        "result_url",
+    )
 
     def __init__(
         self,
@@ -110,7 +119,9 @@ class _Call:
         aio_timeout: aiohttp.ClientTimeout,
         read_timeout: float | None,
         deadline_at: float | None,
+        first_byte: float | None = None,
     ) -> None:
+        self.first_byte = first_byte
         self.body = body
         self.headers = headers
         self.aio_timeout = aio_timeout
@@ -243,6 +254,7 @@ class AsyncClient:
         self._url = options.endpoint_url
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slot: asyncio.Semaphore | None = None
+        self._watch: FirstByteWatch | None = None
         self._aio_timeout = options.timeout.to_aiohttp(streaming=False)
         self._aio_stream_timeout = options.timeout.to_aiohttp(streaming=True)
         self._credentials = credential_headers(options.modal_key, options.modal_secret)
@@ -330,6 +342,7 @@ class AsyncClient:
             trust_env=False,
         )
         self._slot = asyncio.Semaphore(opts.max_concurrency)
+        self._watch = FirstByteWatch(loop)
         self._loop = loop
         self._state = _State.OPENED
         return session
@@ -562,9 +575,12 @@ class AsyncClient:
         if parts.deadline is not None:
             deadline_at = asyncio.get_running_loop().time() + parts.deadline
         read = parts.read
-        if streaming and read == parts.first_byte:
-            read = None  # sock_read already holds that value
-        return _Call(body, call_headers, aio_timeout, read, deadline_at)
+        if streaming:
+            if read == parts.first_byte:
+                read = None  # sock_read already holds that value
+            return _Call(body, call_headers, aio_timeout, read, deadline_at)
+        # Unary: the first byte is watched by FirstByteWatch, not by a timer per request.
+        return _Call(body, call_headers, aio_timeout, read, deadline_at, parts.first_byte)
 
     async def _complete(
         self,
@@ -720,26 +736,47 @@ class AsyncClient:
         assert slot is not None
         errors = _ErrorMap(self, url)
         async with slot:
-            with errors:
-                async with session.request(
-                    method,
-                    url,
-                    data=data,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=call.aio_timeout,
-                ) as resp:
-                    errors.got_headers = True
-                    status = resp.status
-                    if status < 300:
-                        if call.read_timeout is not None:
-                            _set_read_timeout(resp, call.read_timeout)
-                        return _Reply(status, await self._read_body(resp, url), None, url)
-                    if status in _FOLLOWED_REDIRECTS or status in _REFUSED_REDIRECTS:
-                        location = resp.headers.get("Location")
-                        if location:
-                            return _Reply(status, b"", location, url)
-                    raise await self._status_error(resp, url)
+            # The first-byte clock starts once we hold a slot: queueing is not the endpoint's.
+            first_byte = call.first_byte
+            watch = self._watch
+            assert watch is not None
+            if first_byte is not None:
+                task: Any = asyncio.current_task()
+                bucket = watch.start(first_byte, task)
+            try:
+                with errors:
+                    async with session.request(
+                        method,
+                        url,
+                        data=data,
+                        headers=headers,
+                        allow_redirects=False,
+                        timeout=call.aio_timeout,
+                    ) as resp:
+                        if first_byte is not None:
+                            watch.stop(bucket, task)
+                        errors.got_headers = True
+                        status = resp.status
+                        if status < 300:
+                            if call.read_timeout is not None:
+                                _set_read_timeout(resp, call.read_timeout)
+                            return _Reply(status, await self._read_body(resp, url), None, url)
+                        if status in _FOLLOWED_REDIRECTS or status in _REFUSED_REDIRECTS:
+                            location = resp.headers.get("Location")
+                            if location:
+                                return _Reply(status, b"", location, url)
+                        raise await self._status_error(resp, url)
+            except asyncio.CancelledError:
+                if first_byte is not None and watch.expired(task):
+                    raise EndpointTimeoutError(
+                        "timed out waiting for the first byte of the reply",
+                        phase="first_byte",
+                        url=url,
+                    ) from None
+                raise
+            finally:
+                if first_byte is not None:
+                    watch.stop(bucket, task)
 
     async def _read_body(self, resp: aiohttp.ClientResponse, url: str) -> bytes:
         cap = self._options.max_reply_bytes

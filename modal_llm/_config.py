@@ -167,10 +167,10 @@ class Timeout:
             return aiohttp.ClientTimeout(
                 total=None, connect=None, sock_connect=self.connect, sock_read=self.first_byte
             )
-        # One request with a small reply: a single timer over the exchange (aiohttp's
-        # ``total``) is far cheaper than re-arming ``sock_read`` on every packet.
+        # One request with a small reply: the client watches the first byte itself with
+        # shared coarse timers (``_watch``), far cheaper than an aiohttp timer per request.
         return aiohttp.ClientTimeout(
-            total=self.first_byte, connect=None, sock_connect=self.connect, sock_read=None
+            total=None, connect=None, sock_connect=self.connect, sock_read=None
         )
 
 

@@ -752,3 +752,51 @@ async def test_map_yields_batch_results(make_endpoint: MakeEndpoint) -> None:
     assert [r.id for r in results] == [0, "x", 2]
     assert isinstance(results[2].error, StatusError)
     assert results[0].attempts == 1
+
+
+async def test_first_byte_watch_composes_with_outer_timeouts(make_endpoint: MakeEndpoint) -> None:
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        if (await request.json())["prompt"] == "slow":
+            await release.wait()
+        return reply("fast")
+
+    url = await make_endpoint(handler)
+    try:
+        async with AsyncClient(url, timeout=Timeout(first_byte=0.2), max_retries=0) as c:
+            outer = getattr(asyncio, "timeout", None)  # Python 3.11+
+            with pytest.raises(EndpointTimeoutError):
+                if outer is None:
+                    await c.generate("slow")
+                else:
+                    async with outer(5):
+                        await c.generate("slow")
+            task = asyncio.current_task()
+            assert task is not None
+            assert getattr(task, "cancelling", lambda: 0)() == 0  # our cancel was undone
+            # The task is healthy: later awaits are not cancelled, and calls still work.
+            await asyncio.sleep(0)
+            assert await c.generate("quick") == "fast"
+    finally:
+        release.set()
+
+
+async def test_first_byte_watch_buckets() -> None:
+    from modal_llm._watch import FirstByteWatch
+
+    loop = asyncio.get_running_loop()
+    watch = FirstByteWatch(loop)
+    never = asyncio.Event()
+    waiter = asyncio.ensure_future(never.wait())
+    other = asyncio.ensure_future(never.wait())
+    a = watch.start(0.05, waiter)  # type: ignore[arg-type]
+    b = watch.start(0.05, other)  # type: ignore[arg-type]
+    watch.stop(b, other)  # the first byte arrived for this one
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert watch.expired(waiter)  # type: ignore[arg-type]
+    assert not watch.expired(waiter)  # consumed
+    assert not other.done()
+    other.cancel()
+    assert a >= loop.time() - 1
