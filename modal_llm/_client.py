@@ -756,10 +756,10 @@ class AsyncClient:
                         if first_byte is not None:
                             watch.stop(bucket, task)
                         errors.got_headers = True
+                        if call.read_timeout is not None:  # error bodies can stall too
+                            _set_read_timeout(resp, call.read_timeout)
                         status = resp.status
                         if status < 300:
-                            if call.read_timeout is not None:
-                                _set_read_timeout(resp, call.read_timeout)
                             return _Reply(status, await self._read_body(resp, url), None, url)
                         if status in _FOLLOWED_REDIRECTS or status in _REFUSED_REDIRECTS:
                             location = resp.headers.get("Location")

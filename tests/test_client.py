@@ -800,3 +800,24 @@ async def test_first_byte_watch_buckets() -> None:
     assert not other.done()
     other.cancel()
     assert a >= loop.time() - 1
+
+
+async def test_stalled_error_body_is_a_read_timeout(make_endpoint: MakeEndpoint) -> None:
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=503, headers={"Content-Type": "text/plain"})
+        resp.content_length = 100
+        await resp.prepare(request)
+        await resp.write(b"modal-http: serv")
+        await release.wait()
+        return resp
+
+    url = await make_endpoint(handler)
+    try:
+        async with AsyncClient(url, timeout=Timeout(read=0.2), max_retries=0) as c:
+            with pytest.raises(EndpointTimeoutError) as info:
+                await c.generate("hi")
+    finally:
+        release.set()
+    assert info.value.phase == "read"
