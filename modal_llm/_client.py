@@ -14,9 +14,10 @@ import itertools
 import logging
 import os
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
+from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 from urllib.parse import urljoin
 
 import aiohttp
@@ -75,6 +76,8 @@ if TYPE_CHECKING:
 __all__ = ["AsyncClient"]
 
 log = logging.getLogger("modal_llm")
+
+T = TypeVar("T")
 
 STREAM_ACCEPT: Final = "text/event-stream, application/x-ndjson, text/plain, application/json"
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
@@ -593,15 +596,7 @@ class AsyncClient:
             self._session_for_loop()
         call = self._prepare(prompt, headers, timeout, extra)
         if call.deadline_at is None:
-            # The common path, inlined: one POST, maybe a 303 chain, one parse.
-            url = self._url
-            try:
-                reply, attempts = await self._fetch("POST", url, call.body, call, 1), 1
-            except ModalLLMError as exc:
-                reply, attempts = await self._retry("POST", url, call.body, call, exc)
-            if reply.location is not None:
-                reply = await self._follow(reply, call)
-            return self._parse(reply), attempts
+            return await self._post_and_follow(call)
         remaining = call.deadline_at - asyncio.get_running_loop().time()
         try:
             return await asyncio.wait_for(self._post_and_follow(call), remaining)
@@ -619,6 +614,7 @@ class AsyncClient:
         return EndpointTimeoutError("the call's deadline passed", phase="deadline", url=self._url)
 
     async def _post_and_follow(self, call: _Call) -> tuple[Completion, int]:
+        """One POST (retried), maybe a 303 chain, one parse: the whole unary call."""
         reply, attempts = await self._exchange("POST", self._url, call.body, call)
         if reply.location is not None:
             reply = await self._follow(reply, call)
@@ -689,12 +685,18 @@ class AsyncClient:
         try:
             return await self._fetch(method, url, data, call, 1), 1
         except ModalLLMError as exc:
-            return await self._retry(method, url, data, call, exc)
+            return await self._retry(partial(self._fetch, method, url, data, call), call, exc)
 
     async def _retry(
-        self, method: str, url: str, data: bytes | None, call: _Call, first_error: ModalLLMError
-    ) -> tuple[_Reply, int]:
-        """Continue an exchange whose first attempt failed: retry it or raise."""
+        self,
+        send: Callable[[int], Awaitable[T]],
+        call: _Call,
+        first_error: ModalLLMError,
+    ) -> tuple[T, int]:
+        """Continue a request whose first attempt failed: retry ``send(n)`` or raise.
+
+        The one retry driver for unary requests, 303 polls and stream openings.
+        """
         self._notify_failure(first_error)
         policy = self._options.retry
         if policy.max_retries == 0 or not is_retryable(first_error, policy):
@@ -702,20 +704,20 @@ class AsyncClient:
             raise first_error
         attempts = 1
 
-        async def attempt(number: int) -> _Reply:
+        async def attempt(number: int) -> T:
             nonlocal attempts
             attempts = number
             try:
-                return await self._fetch(method, url, data, call, number)
+                return await send(number)
             except ModalLLMError as exc:
                 self._notify_failure(exc)
                 raise
 
         loop = asyncio.get_running_loop()
-        reply = await retry_call(
+        result = await retry_call(
             attempt, first_error, policy, deadline_at=call.deadline_at, clock=loop.time
         )
-        return reply, attempts
+        return result, attempts
 
     def _notify_failure(self, error: ModalLLMError) -> None:
         """Tell listeners (adaptive fan-out) that one attempt failed, before any retry."""
@@ -930,28 +932,8 @@ class AsyncClient:
             try:
                 opened = await self._open_stream_once(method, url, data, call, 1)
             except ModalLLMError as exc:
-                self._notify_failure(exc)
-                policy = self._options.retry
-                if policy.max_retries == 0 or not is_retryable(exc, policy):
-                    exc.attempts = 1
-                    raise
-
-                async def attempt(
-                    number: int, method: str = method, url: str = url, data: bytes | None = data
-                ) -> Any:
-                    try:
-                        return await self._open_stream_once(method, url, data, call, number)
-                    except ModalLLMError as exc:
-                        self._notify_failure(exc)
-                        raise
-
-                opened = await retry_call(
-                    attempt,
-                    exc,
-                    policy,
-                    deadline_at=call.deadline_at,
-                    clock=asyncio.get_running_loop().time,
-                )
+                send = partial(self._open_stream_once, method, url, data, call)
+                opened, _ = await self._retry(send, call, exc)
             if isinstance(opened, tuple):
                 return opened
             # A redirect: follow it as a GET, exactly like the unary path.
