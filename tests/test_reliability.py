@@ -91,7 +91,7 @@ def _modal_llm_tasks() -> list[asyncio.Task[Any]]:
     for task in asyncio.all_tasks():
         code = getattr(task.get_coro(), "cr_code", None)
         filename = "" if code is None else code.co_filename
-        if "modal_llm" in filename and not filename.endswith("server.py") and not task.done():
+        if "modal_llm" in filename and "modal_llm/server" not in filename and not task.done():
             found.append(task)
     return found
 

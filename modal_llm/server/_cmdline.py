@@ -1,0 +1,137 @@
+"""The command line: ``python -m modal_llm.server`` and ``modal-llm serve``, a flag per switch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import signal
+import sys
+
+from modal_llm._exceptions import ConfigError
+
+from ._app import serve
+from ._config import STREAM_FORMATS, ServerConfig
+
+
+def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
+    """The command line of ``python -m modal_llm.server`` and ``modal-llm serve``.
+
+    ``add_help=False`` makes it usable as a ``parents=[...]`` parser for a subcommand.
+    """
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(
+        prog="modal-llm serve",
+        add_help=add_help,
+        description="Run the reference Modal LLM endpoint (a toy generator, not a model). "
+        "Prints its URL on one line once it is ready.",
+    )
+    add = parser.add_argument
+
+    def seconds(flag: str, default: float, text: str) -> None:
+        add(flag, type=float, default=default, metavar="SECONDS", help=text)
+
+    def count(flag: str, text: str, default: int | None = 0) -> None:
+        add(flag, type=int, default=default, metavar="N", help=text)
+
+    def fraction(flag: str, text: str) -> None:
+        add(flag, type=float, default=0.0, metavar="P", help=text)
+
+    def switch(flag: str, text: str) -> None:
+        add(flag, action="store_true", help=text)
+
+    add("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
+    add("--port", type=int, default=8000, help="port, 0 for any free one (default: %(default)s)")
+    switch("--uvloop", "run on uvloop if it is installed")
+    count("--pieces", "pieces per streamed reply (default: %(default)s)", defaults.pieces)
+    seconds("--piece-delay", 0.0, "pause between streamed pieces")
+    seconds("--latency", 0.0, "delay before each answer (time to first byte)")
+    seconds("--cold-start", 0.0, "extra delay for the first request")
+    seconds("--idle-reset", 0.0, "idle time after which the next request is cold again")
+    add(
+        "--stream-format",
+        choices=STREAM_FORMATS,
+        default=defaults.stream_format,
+        help="what a streaming request gets (default: %(default)s)",
+    )
+    count("--rate-limit-every", "every Nth POST gets 429")
+    fraction("--rate-limit-rate", "this fraction of POSTs gets 429, at random")
+    add("--retry-after", metavar="VALUE", help="Retry-After on 429: seconds or an HTTP date")
+    count("--error-burst", "the first N POSTs get --error-status")
+    add(
+        "--error-status",
+        type=int,
+        default=defaults.error_status,
+        metavar="STATUS",
+        help="status of --error-burst and --poll-error-every (default: %(default)s)",
+    )
+    fraction("--failure-rate", 'this fraction of POSTs gets 500 "modal-http: internal error"')
+    add("--modal-key", metavar="KEY", help="require this Modal-Key (with --modal-secret)")
+    add("--modal-secret", metavar="SECRET", help="require this Modal-Secret (test values only)")
+    seconds("--work-time", 0.0, "simulated generation time of a non-streaming reply")
+    seconds("--hop-time", defaults.hop_time, "longest block before a 303 (default: %(default)s)")
+    count("--poll-error-every", "every Nth GET of a result URL gets --error-status")
+    add(
+        "--stream-flag",
+        default=defaults.stream_flag,
+        metavar="KEY",
+        help="body key that asks for a stream (default: %(default)s)",
+    )
+    count("--sse-comment-every", "SSE: a keep-alive comment before every Nth piece")
+    count("--stream-drop-after", "drop the connection after N pieces", None)
+    count("--stream-error-after", "send an error after N pieces", None)
+    switch("--stream-no-terminator", "SSE streams end without data: [DONE]")
+    switch("--split-utf8", "text streams cut multibyte characters across chunks")
+    switch("--echo-prompt", "replies start with the prompt")
+    add("--seed", type=int, default=0, help="seed of the random faults (default: %(default)s)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Build a :class:`ServerConfig` from :func:`build_parser`'s namespace."""
+    values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if f.name != "gate"
+    }
+    return ServerConfig(**values)
+
+
+async def _serve_forever(config: ServerConfig, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Not on Windows, nor outside the main thread: Ctrl-C still ends the run there.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+    async with serve(config, host, port) as url:
+        # Handlers first, then the URL: whoever reads it may signal us at once.
+        print(url, flush=True)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the endpoint in the foreground until SIGINT or SIGTERM; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"modal-llm serve: error: {exc}", file=sys.stderr)
+        return 2
+    coro = _serve_forever(config, args.host, args.port)
+    try:
+        if args.uvloop:
+            try:
+                import uvloop
+            except ImportError:
+                print("modal-llm serve: uvloop is not installed; using asyncio", file=sys.stderr)
+            else:
+                uvloop.run(coro)
+                return 0
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"modal-llm serve: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
