@@ -1,6 +1,6 @@
 """``python -m modal_llm``: the ``modal-llm`` command."""
 
-from modal_llm._cli import main
+from modal_llm.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from modal_llm._cli import (
+from modal_llm.cli import (
     EXIT_AUTH,
     EXIT_BAD_INPUT,
     EXIT_CONFIG,
@@ -35,6 +35,25 @@ KEY, SECRET = "wk-test", "ws-not-a-real-secret"
 
 async def run_cli(*argv: str) -> int:
     return await asyncio.to_thread(main, list(argv))
+
+
+MODAL_LLM = Path(sys.executable).with_name("modal-llm")
+"""The installed console script: the real entry point, as a user runs it."""
+
+
+def modal_llm(
+    *argv: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``modal-llm`` script in a subprocess; its exit status, stdout and stderr."""
+    return subprocess.run(
+        [str(MODAL_LLM), *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=timeout,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})},
+    )
 
 
 def closed_port() -> int:
@@ -148,6 +167,17 @@ async def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert await run_cli("--help") == EXIT_OK
     out = capsys.readouterr().out
     assert all(name in out for name in ("demo", "generate", "batch", "serve", "exit status"))
+
+
+def test_the_entry_points_are_one_program() -> None:
+    from modal_llm import __version__
+
+    proc = modal_llm("--version")
+    assert (proc.returncode, proc.stdout) == (0, f"modal-llm {__version__}\n")
+    for module in ("modal_llm", "modal_llm.cli"):
+        cmd = [sys.executable, "-m", module, "--help"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "exit status" in proc.stdout
 
 
 def test_serve_is_the_reference_endpoint_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -315,7 +345,7 @@ async def test_batch_progress_counter_without_tqdm(
         code = await run_cli(*args, "--progress", "--rate", "500")
     assert code == EXIT_OK
     err = capsys.readouterr().err
-    assert "modal-llm[progress]" in err and "3/3 done, 0 failed" in err
+    assert "pip install tqdm" in err and "3/3 done, 0 failed" in err
 
 
 async def test_batch_file_errors_are_usage_errors(

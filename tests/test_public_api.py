@@ -32,7 +32,7 @@ def test_version() -> None:
 def test_import_is_light() -> None:
     code = (
         "import sys, modal_llm; "
-        "heavy = [m for m in ('langchain_core', 'tqdm', 'modal_llm.server', 'modal_llm._cli') "
+        "heavy = [m for m in ('langchain_core', 'tqdm', 'modal_llm.server', 'modal_llm.cli') "
         "if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,0 +1,214 @@
+"""What every ``modal-llm`` command shares: exit statuses, one-line errors, endpoint options.
+
+Expected failures end a command with ``CliExit`` (one line on stderr, a distinct exit
+status, never a traceback); docs/cli.md lists the statuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+from typing import Any, Final
+
+from .._client import AsyncClient
+from .._config import ENV_ENDPOINT_URL, Timeout
+from .._exceptions import (
+    AuthenticationError,
+    ConfigError,
+    EndpointTimeoutError,
+    ModalLLMError,
+    TransportError,
+)
+
+__all__ = [
+    "EXIT_AUTH",
+    "EXIT_BAD_INPUT",
+    "EXIT_CODES",
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "PROG",
+    "CliExit",
+    "endpoint_options",
+    "error_exit",
+    "fail",
+    "make_client",
+    "one_line",
+    "positive_float",
+    "positive_int",
+    "prepare_stdout",
+]
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+"""generate: the request failed; batch: at least one item failed (see OUTPUT)."""
+EXIT_USAGE: Final = 2
+"""Bad arguments, or INPUT/OUTPUT cannot be opened (argparse uses 2 as well)."""
+EXIT_CONFIG: Final = 3
+"""Bad or missing endpoint URL, key without secret, or another invalid option."""
+EXIT_UNREACHABLE: Final = 4
+"""The endpoint could not be reached (refused, DNS, TLS, timeout)."""
+EXIT_AUTH: Final = 5
+"""The endpoint refused the credentials (401/403)."""
+EXIT_BAD_INPUT: Final = 6
+"""batch: some input lines were invalid (and skipped); every valid item succeeded."""
+EXIT_INTERRUPTED: Final = 130
+"""Ctrl-C. batch: what finished is in OUTPUT; rerun the same command to resume."""
+
+EXIT_CODES: Final = {
+    EXIT_OK: "success",
+    EXIT_FAILED: "the request failed / some batch items failed",
+    EXIT_USAGE: "usage error, or INPUT/OUTPUT cannot be opened",
+    EXIT_CONFIG: "bad or missing endpoint URL or option",
+    EXIT_UNREACHABLE: "endpoint unreachable",
+    EXIT_AUTH: "authentication failed",
+    EXIT_BAD_INPUT: "batch: bad input lines (skipped)",
+    EXIT_INTERRUPTED: "interrupted",
+}
+
+PROG: Final = "modal-llm"
+AUTH_HINT: Final = "set MODAL_LLM_KEY and MODAL_LLM_SECRET, or pass --modal-key/--modal-secret"
+
+
+class CliExit(Exception):
+    """End the command with ``code`` after printing ``message`` (one line) to stderr."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def one_line(value: object) -> str:
+    """``value`` as text on one line (newlines and runs of spaces become one space)."""
+    return " ".join(str(value).split())
+
+
+def error_exit(exc: ModalLLMError) -> CliExit:
+    """Map an error that ends a command to its exit status and message."""
+    text = one_line(exc)
+    if isinstance(exc, ConfigError):
+        return CliExit(EXIT_CONFIG, text)
+    if isinstance(exc, AuthenticationError):
+        return CliExit(EXIT_AUTH, f"authentication failed: {text}; {AUTH_HINT}")
+    if isinstance(exc, EndpointTimeoutError):
+        return CliExit(EXIT_UNREACHABLE, f"the endpoint did not answer in time: {text}")
+    if isinstance(exc, TransportError):
+        return CliExit(EXIT_UNREACHABLE, f"cannot reach the endpoint: {text}")
+    return CliExit(EXIT_FAILED, text)
+
+
+def fail(code: int, message: str) -> int:
+    """Print ``modal-llm: error: message`` on stderr; return ``code``."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def prepare_stdout() -> None:
+    """The toy endpoint answers with emoji; a legacy console encoding must not crash us."""
+    stream = sys.stdout
+    encoding = (getattr(stream, "encoding", None) or "").lower().replace("_", "-")
+    if isinstance(stream, io.TextIOWrapper) and encoding not in ("utf-8", "utf8"):
+        with contextlib.suppress(ValueError, io.UnsupportedOperation):
+            stream.reconfigure(errors="replace")
+
+
+# -- argument types ---------------------------------------------------------------------------
+
+
+def _param(text: str) -> tuple[str, Any]:
+    """``key=value``; the value is JSON when it parses as JSON, else the string itself."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, not {text!r}")
+    if key == "prompt":
+        raise argparse.ArgumentTypeError("'prompt' is not a model argument; pass the prompt itself")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def endpoint_options() -> argparse.ArgumentParser:
+    """The options of every command that talks to an endpoint (a parent parser)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("endpoint")
+    add = group.add_argument
+    add("--endpoint", metavar="URL", help=f"endpoint URL (default: ${ENV_ENDPOINT_URL})")
+    add("--modal-key", metavar="KEY", help="proxy auth key (default: $MODAL_LLM_KEY)")
+    add("--modal-secret", metavar="SECRET", help="proxy auth secret (default: $MODAL_LLM_SECRET)")
+    add(
+        "--timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help="connect, first-byte and read timeout (default: the client's, which waits for "
+        "cold starts)",
+    )
+    add("--max-retries", type=_non_negative_int, metavar="N", help="retries per request")
+    add(
+        "--param",
+        type=_param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model argument sent with every prompt; VALUE is JSON if it parses (repeatable)",
+    )
+    add("--stop", action="append", metavar="TEXT", help="stop sequence (repeatable)")
+    return parent
+
+
+def make_client(args: argparse.Namespace, **options: Any) -> AsyncClient:
+    """The client described by the endpoint options in ``args``."""
+    if not args.endpoint and not os.environ.get(ENV_ENDPOINT_URL):
+        raise CliExit(EXIT_CONFIG, f"no endpoint: pass --endpoint URL or set ${ENV_ENDPOINT_URL}")
+    if args.timeout is not None:
+        options["timeout"] = Timeout(args.timeout)
+    return AsyncClient(
+        args.endpoint or None,
+        modal_key=args.modal_key,
+        modal_secret=args.modal_secret,
+        max_retries=args.max_retries,
+        **options,
+    )

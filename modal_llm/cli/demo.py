@@ -1,0 +1,118 @@
+"""``modal-llm demo``: the reference endpoint in-process, one streamed answer, one fan-out."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Any, Final
+
+from .._client import AsyncClient
+from .._config import RetryPolicy
+from .._exceptions import ModalLLMError, StatusError
+from .._fanout import BatchResult, fan_out
+from .._progress import INSTALL_HINT, Progress
+from .common import EXIT_OK, positive_int
+
+__all__ = ["add_parser", "demo"]
+
+_DEMO_PROMPT: Final = "Explain in one breath why the sky is blue"
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``demo`` on the ``commands`` subparsers."""
+    demo = commands.add_parser(
+        "demo",
+        help="run a local reference endpoint, stream an answer and fan out a batch",
+        description="Start the reference endpoint in-process (a toy generator, no account, "
+        "no network), stream one answer, fan out a batch and print a summary.",
+    )
+    demo.add_argument("--prompts", type=positive_int, default=300, help="batch size (300)")
+    demo.add_argument("--concurrency", type=positive_int, default=16, help="in flight (16)")
+    demo.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show progress (a tqdm bar if installed, else a counter)",
+    )
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted ``values``."""
+    if not values:
+        return 0.0
+    return values[max(0, math.ceil(q * len(values)) - 1)]
+
+
+async def demo(args: argparse.Namespace) -> int:
+    """Run the demo; return the exit status."""
+    from ..server import STATS, ServerConfig, create_app, serve
+
+    # A little latency, a streamed answer in pieces, and a few injected failures: the
+    # first two POSTs get 503 (containers starting) and every 25th gets 429.
+    config = ServerConfig(
+        pieces=12,
+        piece_delay=0.03,
+        latency=0.04,
+        error_burst=2,
+        error_status=503,
+        rate_limit_every=25,
+        retry_after="0",
+        seed=1,
+    )
+    app = create_app(config)
+    out = sys.stdout
+    retry = RetryPolicy(max_retries=5, wait_initial=0.05, wait_max=0.5, jitter=0.05)
+    async with serve(app) as url:
+        print(f"reference endpoint (a toy generator, not a model) at {url}")
+        async with AsyncClient(url, max_concurrency=args.concurrency, retry=retry) as client:
+            failures: list[str] = []
+            client._failure_listeners.append(lambda e: failures.append(_status_of(e)))
+            print(f"\nstreaming: {_DEMO_PROMPT!r}")
+            async for piece in client.stream(_DEMO_PROMPT):
+                out.write(piece)
+                out.flush()
+            out.write("\n")
+            if failures:
+                print(f"(the endpoint answered {', '.join(failures)} first; the client retried)")
+
+            count = args.prompts
+            print(f"\nfanning out {count} prompts, {args.concurrency} in flight:", flush=True)
+            progress = Progress(count, enabled=args.progress)
+            if progress.fallback:
+                print(f"({INSTALL_HINT} for a progress bar)", file=sys.stderr)
+            prompts = (f"summarise report number {i} for the board" for i in range(count))
+            results: list[BatchResult] = []
+            started = time.perf_counter()
+            try:
+                async for result in fan_out(client, prompts, concurrency=args.concurrency):
+                    results.append(result)
+                    progress.advance(failed=not result.ok)
+            finally:
+                progress.close()
+            elapsed = time.perf_counter() - started
+        http_requests = app[STATS].posts
+    _summary(results, elapsed, http_requests, args.concurrency)
+    return EXIT_OK
+
+
+def _status_of(error: ModalLLMError) -> str:
+    return str(error.status_code) if isinstance(error, StatusError) else type(error).__name__
+
+
+def _summary(results: list[BatchResult], elapsed: float, http_requests: int, conc: int) -> None:
+    errors = sum(1 for r in results if not r.ok)
+    retries = sum(max(0, r.attempts - 1) for r in results)
+    latencies = sorted(r.latency for r in results)
+    sample = next((r for r in results if r.ok), None)
+    if sample is not None:
+        print(f"\nsample: {sample.prompt!r} -> {sample.text!r}")
+    print("\nsummary")
+    print(f"  requests:   {len(results)} prompts, {http_requests} HTTP requests in all")
+    print(f"  errors:     {errors}")
+    print(f"  retries:    {retries} (429/503 answers retried by the client)")
+    rate = len(results) / elapsed if elapsed > 0 else 0.0
+    print(f"  throughput: {rate:.0f} prompts/s ({elapsed:.2f} s, concurrency {conc})")
+    p50, p95 = _percentile(latencies, 0.50), _percentile(latencies, 0.95)
+    print(f"  latency:    p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
