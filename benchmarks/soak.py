@@ -7,8 +7,8 @@ Usage (from the repo root)::
     python benchmarks/soak.py --requests 200000 --json soak.json
 
 One process runs the reference endpoint (``modal_llm.server``) behind the fault-injecting
-TCP proxy (``tests/faultproxy.py``), an ``AsyncClient`` that sends ``generate``, ``stream``,
-``map`` and ``generate_many`` calls, and a blocking ``Client`` used from worker threads.
+TCP proxy (``modal_llm.testing.FaultProxy``), an ``AsyncClient`` that sends ``generate``,
+``stream``, ``map`` and ``generate_many`` calls, and a blocking ``Client`` used from worker threads.
 The proxy refuses, resets, stalls, cuts and delays exchanges; the endpoint answers 429
 (``Retry-After: 0``), 500 and an opening burst of 503. The run is cut into ten segments;
 after each one every call has ended and file descriptors, asyncio tasks and RSS are sampled.
@@ -61,7 +61,7 @@ from modal_llm import (
 )
 from modal_llm._retry import is_retryable
 from modal_llm.server import STATS, ServerConfig, create_app, serve, toy_generate
-from tests.faultproxy import FAULT_KINDS, FaultConfig, FaultProxy
+from modal_llm.testing import FAULT_KINDS, FaultConfig, FaultProxy
 
 __all__ = ["SoakConfig", "SoakReport", "main", "run_soak"]
 

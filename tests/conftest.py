@@ -11,6 +11,8 @@ from aiohttp.test_utils import TestServer
 
 from modal_llm import RetryPolicy
 
+pytest_plugins = ["modal_llm.testing"]  # the modal_endpoint fixtures, as users enable them
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MakeEndpoint = Callable[..., Awaitable[str]]
 

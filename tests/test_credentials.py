@@ -38,9 +38,9 @@ from modal_llm import (
     StreamError,
     Timeout,
 )
+from modal_llm.testing import FaultConfig, FaultProxy
 
 from .conftest import NO_WAIT, MakeEndpoint
-from .faultproxy import FaultConfig, FaultProxy
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.faultproxy import (
+from modal_llm.testing._faultproxy import (
     FAULT_KINDS,
     FaultConfig,
     FaultProxy,

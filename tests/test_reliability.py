@@ -34,9 +34,9 @@ from modal_llm import (
 )
 from modal_llm._models import parse_reply
 from modal_llm.server import STATS, ServerConfig, create_app, serve, toy_generate
+from modal_llm.testing import FaultConfig, FaultProxy
 
 from .conftest import NO_WAIT, MakeEndpoint
-from .faultproxy import FaultConfig, FaultProxy
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -20,13 +20,14 @@ From a shell: ``python -m modal_llm.server --port 8000 --pieces 16 --piece-delay
 
 Its modules, one concern each: ``_config`` (the switches), ``_stats`` (what it saw),
 ``_contract`` (body validation, proxy auth, reply bodies, the toy generator), ``_faults``
-(error statuses, cold starts), ``_results`` (the 303 emulation), ``_streaming`` (SSE,
-NDJSON, text), ``_app`` (the handler, :func:`create_app`, :func:`serve`) and ``_cmdline``.
+(error statuses, cold starts), ``_script`` (scripted replies), ``_results`` (the 303
+emulation), ``_streaming`` (SSE, NDJSON, text), ``_app`` (the handler, :func:`create_app`,
+:func:`serve`) and ``_cmdline``.
 """
 
 from __future__ import annotations
 
-from ._app import CONFIG, STATS, create_app, serve
+from ._app import CONFIG, ENDPOINT, STATS, Endpoint, create_app, serve
 from ._cmdline import build_parser, config_from_args, main
 from ._config import MODAL_HOP_TIME, RECENT_KEPT, RESULT_QUERY, STREAM_FORMATS, ServerConfig
 from ._contract import (
@@ -38,10 +39,12 @@ from ._contract import (
     toy_generate,
     validate_body,
 )
-from ._stats import ServerStats
+from ._script import Script, StreamReply
+from ._stats import RecordedRequest, ServerStats
 
 __all__ = [
     "CONFIG",
+    "ENDPOINT",
     "INTERNAL_ERROR",
     "INVALID_CALL",
     "INVALID_CREDENTIALS",
@@ -51,8 +54,12 @@ __all__ = [
     "RESULT_QUERY",
     "STATS",
     "STREAM_FORMATS",
+    "Endpoint",
+    "RecordedRequest",
+    "Script",
     "ServerConfig",
     "ServerStats",
+    "StreamReply",
     "build_parser",
     "config_from_args",
     "create_app",

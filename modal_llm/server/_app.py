@@ -11,31 +11,65 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from ._config import RESULT_QUERY, ServerConfig
-from ._contract import check_credentials, detail_reply, lax_bool, toy_generate, validate_body
+from ._contract import (
+    check_credentials,
+    detail_reply,
+    lax_bool,
+    split_pieces,
+    toy_generate,
+    validate_body,
+)
 from ._faults import Faults
 from ._results import Results
-from ._stats import ServerStats
+from ._script import Script, ScriptEntry, play
+from ._stats import RecordedRequest, ServerStats
 from ._streaming import stream
 
 STATS = web.AppKey("modal_llm_server_stats", ServerStats)
 CONFIG = web.AppKey("modal_llm_server_config", ServerConfig)
 
 
-class _Endpoint:
-    """The request handler and its state; one per application."""
+class Endpoint:
+    """The request handler and its state; one per application, at ``app[ENDPOINT]``.
 
-    def __init__(self, config: ServerConfig, stats: ServerStats) -> None:
+    Tests drive it through :mod:`modal_llm.testing`: :meth:`configure` swaps the switches
+    mid-run, ``script`` plays exact replies, ``requests`` (when recording) lists every
+    request received.
+    """
+
+    def __init__(
+        self, config: ServerConfig, stats: ServerStats, *, record_requests: bool = False
+    ) -> None:
         self.config = config
+        """The switches in force; replace them with :meth:`configure`."""
         self.stats = stats
+        self.script = Script()
+        """Scripted replies still to play, one per POST (see ``_script``)."""
+        self.requests: list[RecordedRequest] | None = [] if record_requests else None
+        """Every request received, in arrival order (None unless recording)."""
         self._background: set[asyncio.Task[Any]] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._faults = Faults(config, stats, self._spawn)
         self._results = Results(stats, self._faults, self._spawn)
 
+    def configure(self, config: ServerConfig) -> None:
+        """Use ``config`` from the next request on.
+
+        The fault numbering starts over (``error_burst``, ``rate_limit_every`` and
+        ``poll_error_every`` count from here, ``seed`` draws afresh) and a ``cold_start``
+        above 0 makes the next POST cold; stats, recorded requests, the script and calls in
+        flight carry on.
+        """
+        self.config = config
+        self._faults = Faults(config, self.stats, self._spawn)
+        self._results.faults = self._faults
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer one request; the aiohttp handler for every path and method."""
         stats = self.stats
         stats.requests += 1
         stats.in_flight += 1
@@ -48,9 +82,25 @@ class _Endpoint:
             self._handlers.add(task)
         stats.notify()
         try:
-            resp = await self._dispatch(request)
+            raw = b""
+            if request.method == "POST":
+                stats.posts += 1
+                raw = await request.read()
+            elif request.method == "GET":
+                stats.gets += 1
+            # No await between these: the recorded order is the order scripts are consumed.
+            entry = self.script.take() if request.method == "POST" else None
+            record = self._record(request, headers, raw, entry)
+            if entry is not None:
+                resp = await play(entry, request, raw, self.config, stats, self._disconnected)
+            else:
+                resp = await self._dispatch(request, raw)
+            if resp is None:  # reset with no reply
+                return web.Response()
             if not resp.prepared:  # streams count their status when they start
                 stats.count_status(resp.status)
+            if record is not None:
+                record.status = resp.status
             return resp
         except web.HTTPException as exc:
             stats.count_status(exc.status)
@@ -66,24 +116,37 @@ class _Endpoint:
             self._faults.last_done = time.monotonic()
             stats.notify()
 
+    def _record(
+        self, request: web.Request, headers: CIMultiDict[str], raw: bytes, entry: ScriptEntry | None
+    ) -> RecordedRequest | None:
+        body: Any = None
+        if request.method == "POST":
+            try:
+                body = json.loads(raw)
+            except (ValueError, RecursionError):
+                body = raw
+            self.stats.bodies.append(body)
+        if self.requests is None:
+            return None
+        record = RecordedRequest(
+            method=request.method,
+            path=request.path,
+            query=dict(request.query),
+            headers=headers,
+            body=body,
+            time=time.monotonic(),
+            scripted=entry,
+        )
+        self.requests.append(record)
+        return record
+
     def _disconnected(self) -> None:
         if not self._closing:
             self.stats.disconnects += 1
 
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+    async def _dispatch(self, request: web.Request, raw: bytes) -> web.StreamResponse:
         config = self.config
         method = request.method
-        raw = b""
-        if method == "POST":
-            self.stats.posts += 1
-            raw = await request.read()
-            try:
-                self.stats.bodies.append(json.loads(raw))
-            except (ValueError, RecursionError):
-                self.stats.bodies.append(raw)
-        elif method == "GET":
-            self.stats.gets += 1
-
         if config.modal_key is not None and config.modal_secret is not None:
             denied = check_credentials(request, config.modal_key, config.modal_secret)
             if denied is not None:
@@ -112,8 +175,9 @@ class _Endpoint:
         stream_format = body.get("format", config.stream_format)
         if lax_bool(body.get(config.stream_flag, False)) and stream_format != "json":
             text = toy_generate(prompt, echo_prompt=config.echo_prompt)
+            pieces = split_pieces(text, config.pieces)
             return await stream(
-                request, config, self.stats, text, stream_format, self._disconnected
+                request, config, self.stats, pieces, stream_format, self._disconnected
             )
         return await self._results.complete(request, config, prompt)
 
@@ -137,19 +201,28 @@ class _Endpoint:
         self._results.clear()
 
 
-def create_app(config: ServerConfig | None = None) -> web.Application:
+ENDPOINT = web.AppKey("modal_llm_server_endpoint", Endpoint)
+
+
+def create_app(
+    config: ServerConfig | None = None, *, record_requests: bool = False
+) -> web.Application:
     """Build the endpoint application; its stats are at ``app[STATS]``.
 
-    Run it with :func:`serve` or ``aiohttp.test_utils.TestServer(app)``. Both turn on
-    aiohttp's handler cancellation; without it, a client that leaves while the server
-    waits is only noticed (and counted in ``disconnects``) at the next write.
+    ``app[ENDPOINT]`` is its :class:`Endpoint`; with ``record_requests`` it keeps every
+    request in ``app[ENDPOINT].requests`` (memory grows with the run: for tests).
+    ``app[CONFIG]`` is the config it was built with. Run it with :func:`serve` or
+    ``aiohttp.test_utils.TestServer(app)``. Both turn on aiohttp's handler cancellation;
+    without it, a client that leaves while the server waits is only noticed (and counted in
+    ``disconnects``) at the next write.
     """
     config = config if config is not None else ServerConfig()
     stats = ServerStats()
-    endpoint = _Endpoint(config, stats)
+    endpoint = Endpoint(config, stats, record_requests=record_requests)
     app = web.Application()
     app[CONFIG] = config
     app[STATS] = stats
+    app[ENDPOINT] = endpoint
     # Modal URLs have a path of their own: answer on every path.
     app.router.add_route("*", "/{tail:.*}", endpoint.handle)
     app.on_shutdown.append(endpoint.on_shutdown)

@@ -19,7 +19,7 @@ class Results:
 
     def __init__(self, stats: ServerStats, faults: Faults, spawn: Spawn) -> None:
         self.stats = stats
-        self._faults = faults
+        self.faults = faults
         self._spawn = spawn
         self._calls: dict[str, asyncio.Task[bytes]] = {}
 
@@ -48,7 +48,7 @@ class Results:
         """Answer a GET of a result URL: the result, another 303, or 404 once handed out."""
         if call_id not in self._calls:
             return text_reply(404, INVALID_CALL)
-        fault = self._faults.poll_fault(config)
+        fault = self.faults.poll_fault(config)
         if fault is not None:
             return fault
         return await self._await_result(request, config, call_id)

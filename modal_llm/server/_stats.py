@@ -69,3 +69,36 @@ class ServerStats:
     def count_status(self, status: int) -> None:
         """Count one reply with ``status``."""
         self.statuses[status] = self.statuses.get(status, 0) + 1
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """One request as the endpoint received it (kept when the app records requests).
+
+    ``headers`` holds every header as sent, credentials included, so a test can check them;
+    they stay out of the repr. ``body`` is the JSON-decoded body, the raw bytes when it was
+    not JSON, or ``None`` when there was none (a GET). ``time`` is ``time.monotonic()`` when
+    the body had arrived: compare two of them to see the wait between attempts.
+    """
+
+    method: str
+    path: str
+    """The URL path, e.g. ``"/"``; ``query`` holds the query parameters."""
+    query: dict[str, str]
+    headers: CIMultiDict[str] = field(repr=False)
+    body: Any = field(repr=False)
+    time: float
+    scripted: Any = None
+    """The script entry this POST consumed, or None when no script was playing."""
+    status: int | None = None
+    """The status the endpoint answered; None while it works, and when the client left first
+    or the connection was dropped without a reply."""
+
+    @property
+    def prompt(self) -> str | None:
+        """The body's ``"prompt"`` when the body is a JSON object with a string prompt."""
+        if isinstance(self.body, dict):
+            prompt = self.body.get("prompt")
+            if isinstance(prompt, str):
+                return prompt
+        return None

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from ._config import ServerConfig
-from ._contract import dumps, split_bytes, split_pieces
+from ._contract import dumps, split_bytes
 from ._stats import ServerStats
 
 DONE = b"data: [DONE]\n\n"
@@ -24,23 +24,28 @@ STREAM_ERROR = {"error": "toy generator failed mid-stream"}
 
 
 def stream_chunks(
-    config: ServerConfig, text: str, stream_format: str
+    config: ServerConfig,
+    pieces: list[str],
+    stream_format: str,
+    events: list[object] | None = None,
 ) -> tuple[list[bytes], bytes, bytes]:
-    """Return (chunk per piece, terminator, error chunk) for streaming ``text``."""
+    """Return (chunk per piece, terminator, error chunk) for streaming ``pieces``.
+
+    SSE and NDJSON carry each piece as ``{"prompt": piece}``, or each of ``events`` as is.
+    """
     if stream_format == "text":
+        if events is not None:
+            pieces = [dumps(event).decode() for event in events]
         if config.split_utf8:
-            return split_bytes(text.encode(), config.pieces), b"", b""
-        return [piece.encode() for piece in split_pieces(text, config.pieces)], b"", b""
-    pieces = split_pieces(text, config.pieces)
+            return split_bytes("".join(pieces).encode(), config.pieces), b"", b""
+        return [piece.encode() for piece in pieces], b"", b""
+    payloads = events if events is not None else [{"prompt": piece} for piece in pieces]
     if stream_format == "ndjson":
-        return [dumps({"prompt": p}) + b"\n" for p in pieces], b"", dumps(STREAM_ERROR) + b"\n"
+        return [dumps(p) + b"\n" for p in payloads], b"", dumps(STREAM_ERROR) + b"\n"
     every = config.sse_comment_every
     chunks = [
-        (KEEPALIVE if every and i % every == 0 else b"")
-        + b"data: "
-        + dumps({"prompt": piece})
-        + b"\n\n"
-        for i, piece in enumerate(pieces)
+        (KEEPALIVE if every and i % every == 0 else b"") + b"data: " + dumps(payload) + b"\n\n"
+        for i, payload in enumerate(payloads)
     ]
     terminator = b"" if config.stream_no_terminator else DONE
     return chunks, terminator, b"event: error\ndata: " + dumps(STREAM_ERROR) + b"\n\n"
@@ -50,12 +55,16 @@ async def stream(
     request: web.Request,
     config: ServerConfig,
     stats: ServerStats,
-    text: str,
+    pieces: list[str],
     stream_format: str,
     on_disconnect: Callable[[], None],
+    events: list[object] | None = None,
 ) -> web.StreamResponse:
-    """Stream ``text`` in ``config.pieces`` pieces; ``on_disconnect`` runs if the client leaves."""
-    chunks, terminator, error = stream_chunks(config, text, stream_format)
+    """Stream ``pieces`` (or ``events``) paced and faulted as ``config`` says.
+
+    ``on_disconnect`` runs when the client leaves mid-stream.
+    """
+    chunks, terminator, error = stream_chunks(config, pieces, stream_format, events)
     stats.generations_started += 1
     resp = web.StreamResponse(
         headers={"Content-Type": CONTENT_TYPES[stream_format], "Cache-Control": "no-cache"}
@@ -80,7 +89,9 @@ async def stream(
             await resp.write(chunk)
         if len(chunks) == config.stream_drop_after:
             return drop(request, resp)
-        if len(chunks) == config.stream_error_after and error:
+        if len(chunks) == config.stream_error_after:
+            if not error:  # a text stream has no error event: it drops
+                return drop(request, resp)
             await resp.write(error)
             return resp
         if terminator:

@@ -1,4 +1,4 @@
-"""A fault-injecting TCP proxy for reliability tests.
+"""FaultProxy: a fault-injecting TCP proxy (refuse, reset, stall, cut, delay) for reliability tests.
 
 ``FaultProxy`` listens on 127.0.0.1 (a free port) and forwards raw TCP to an upstream (the
 reference endpoint, or any ``aiohttp.test_utils.TestServer``). Each HTTP exchange that passes
@@ -71,6 +71,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
+from modal_llm._exceptions import ConfigError
+
 if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
@@ -131,20 +133,20 @@ class FaultConfig:
         )
 
     def validate(self) -> None:
-        """Raise ValueError for a rate outside [0, 1], rates above 1 in total, or a bad knob."""
+        """Raise ConfigError (a ValueError) for a bad rate, rates summing above 1, or a bad knob."""
         for kind, rate in self.rates():
             if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"FaultConfig.{kind} must be in [0, 1], got {rate!r}")
+                raise ConfigError(f"FaultConfig.{kind} must be in [0, 1], got {rate!r}")
         total = sum(rate for _, rate in self.rates())
         if total > 1.0 + 1e-9:
-            raise ValueError(f"FaultConfig rates must sum to at most 1, got {total!r}")
+            raise ConfigError(f"FaultConfig rates must sum to at most 1, got {total!r}")
         if not self.delay_seconds >= 0.0:
-            raise ValueError(f"FaultConfig.delay_seconds must be >= 0, got {self.delay_seconds!r}")
+            raise ConfigError(f"FaultConfig.delay_seconds must be >= 0, got {self.delay_seconds!r}")
         if self.cut_after < 0 or self.stall_after < 0:
-            raise ValueError("FaultConfig.cut_after and stall_after must be >= 0")
+            raise ConfigError("FaultConfig.cut_after and stall_after must be >= 0")
         unknown = [name for name in self.schedule if name not in _KIND_BY_NAME]
         if unknown:
-            raise ValueError(f"unknown fault kinds {unknown!r} in schedule; use {FAULT_KINDS}")
+            raise ConfigError(f"unknown fault kinds {unknown!r} in schedule; use {FAULT_KINDS}")
 
 
 def choose_fault(config: FaultConfig, rng: random.Random) -> FaultKind:
@@ -153,7 +155,7 @@ def choose_fault(config: FaultConfig, rng: random.Random) -> FaultKind:
         name = config.schedule.pop(0)
         kind = _KIND_BY_NAME.get(name)
         if kind is None:
-            raise ValueError(f"unknown fault kind {name!r} in schedule; use {FAULT_KINDS}")
+            raise ConfigError(f"unknown fault kind {name!r} in schedule; use {FAULT_KINDS}")
         return kind
     config.validate()
     x = rng.random()
