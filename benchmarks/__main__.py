@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._clients import CLIENTS
-from benchmarks._report import machine_info, plot, render
+from benchmarks._report import machine_info, plot, plot_streams, render
 from benchmarks._run import DEFAULT_CLIENTS, WORKLOAD_ALIASES, WORKLOADS, Plan, Runner, plan_dict
 from benchmarks._servers import ROOT
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 DEFAULT_PLOT = ROOT / "docs" / "benchmarks_rps.png"
+STREAMS_PLOT_NAME = "benchmarks_streams.png"
 
 
 def _csv(value: str) -> list[str]:
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workloads",
         type=_csv,
         metavar="W",
-        help=f"comma-separated, from {', '.join(WORKLOADS)} (or 1-5); default all",
+        help=f"comma-separated, from {', '.join(WORKLOADS)} (or 1-6); default all",
     )
     parser.add_argument("--rounds", type=int, help="rounds per case (default 3, quick 1)")
     parser.add_argument(
@@ -56,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         const=DEFAULT_PLOT,
         metavar="PNG",
-        help=f"write the req/s plot (default {DEFAULT_PLOT.relative_to(ROOT)})",
+        help=f"write the req/s plot (default {DEFAULT_PLOT.relative_to(ROOT)}) and, next to "
+        f"it, the open-streams plot ({STREAMS_PLOT_NAME})",
     )
     parser.add_argument("--report", type=Path, metavar="JSON", help="re-render a results file")
     parser.add_argument(
@@ -192,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nplot: {args.plot}")
         else:
             print("\nplot: no throughput figures to draw")
+        streams_png = args.plot.with_name(STREAMS_PLOT_NAME)
+        if plot_streams(data, streams_png):
+            print(f"plot: {streams_png}")
     failures = _failures(data, args.strict)
     if failures:
         print("\nfailed runs:\n  " + "\n  ".join(failures))

@@ -1,8 +1,11 @@
 """The clients under test, each behind one small opener, and the registry that names them.
 
 A batch opener is a context manager yielding ``run(prompts) -> number of good replies``; a
-stream opener yields ``run(prompt) -> (seconds to first piece, pieces)``. Every library is
-imported inside its opener, so a worker process loads only the client it measures.
+stream opener yields ``run(prompt) -> (seconds to first piece, pieces)``; a timed-stream
+opener (workload 6) yields ``run(prompt, delays, offset) -> pieces``, which stores each
+piece's delivery delay (ns since the server wrote it, the timestamp the piece carries) in
+``delays[offset + k]``. Every library is imported inside its opener, so a worker process
+loads only the client it measures.
 
 modal-llm openers look each name up first and raise ``Unavailable`` when it does not exist
 yet in this checkout, so one missing API is reported as "not available" and the rest run.
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
         Callable,
         Iterable,
         Iterator,
+        MutableSequence,
     )
     from contextlib import AbstractAsyncContextManager, AbstractContextManager
 
@@ -35,6 +39,8 @@ if TYPE_CHECKING:
     AsyncOpener = Callable[[str, int], AbstractAsyncContextManager[AsyncRun]]
     SyncOpener = Callable[[str, int], AbstractContextManager[SyncRun]]
     StreamOpener = Callable[[str, int], AbstractAsyncContextManager[StreamRun]]
+    TimedRun = Callable[[str, MutableSequence[int], int], Awaitable[int]]
+    TimedOpener = Callable[[str, int], AbstractAsyncContextManager[TimedRun]]
 
 # The fixed nginx reply starts with the throughput prompt: langchain_community's Modal only
 # accepts replies that contain the prompt it sent.
@@ -143,6 +149,40 @@ async def open_aiohttp_stream(url: str, concurrency: int) -> AsyncIterator[Strea
             if not done:
                 raise RuntimeError(f"stream ended without [DONE] after {pieces} pieces")
             return first, pieces
+
+        yield run
+
+
+@contextlib.asynccontextmanager
+async def open_aiohttp_timed(url: str, concurrency: int) -> AsyncIterator[TimedRun]:
+    """Raw aiohttp reading SSE lines, recording each piece's delay: workload 6's baseline."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        headers = {"Accept": STREAM_ACCEPT}
+        now = time.monotonic_ns
+
+        async def run(prompt: str, delays: MutableSequence[int], offset: int) -> int:
+            pieces = 0
+            done = False
+            body = {"prompt": prompt, "stream": True}
+            async with session.post(url, json=body, headers=headers) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}")
+                async for line in resp.content:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    text = json.loads(data)["prompt"]
+                    delays[offset + pieces] = now() - int(text)
+                    pieces += 1
+            if not done:
+                raise RuntimeError(f"stream ended without [DONE] after {pieces} pieces")
+            return pieces
 
         yield run
 
@@ -265,13 +305,16 @@ async def open_mllm_generate(url: str, concurrency: int) -> AsyncIterator[AsyncR
 
 
 @contextlib.asynccontextmanager
-async def open_mllm_map(url: str, concurrency: int) -> AsyncIterator[AsyncRun]:
+async def open_mllm_map(
+    url: str, concurrency: int, *, ordered: bool = False
+) -> AsyncIterator[AsyncRun]:
     """modal-llm fan-out iterator: ``async for result in client.map(prompts)``."""
     async with _async_client(url, concurrency) as client:
         fan_out = _require(client, "map", "AsyncClient")
+        options = {"ordered": True} if ordered else {}
 
         async def run(prompts: Iterable[str]) -> int:
-            results = fan_out(prompts)
+            results = fan_out(prompts, **options)
             if not hasattr(results, "__aiter__"):
                 results = await results
             good = 0
@@ -280,6 +323,11 @@ async def open_mllm_map(url: str, concurrency: int) -> AsyncIterator[AsyncRun]:
             return good
 
         yield run
+
+
+def open_mllm_map_ordered(url: str, concurrency: int) -> AbstractAsyncContextManager[AsyncRun]:
+    """modal-llm fan-out iterator in input order: ``client.map(prompts, ordered=True)``."""
+    return open_mllm_map(url, concurrency, ordered=True)
 
 
 @contextlib.contextmanager
@@ -354,6 +402,23 @@ async def open_mllm_stream(url: str, concurrency: int) -> AsyncIterator[StreamRu
         yield run
 
 
+@contextlib.asynccontextmanager
+async def open_mllm_timed(url: str, concurrency: int) -> AsyncIterator[TimedRun]:
+    """modal-llm ``client.stream(prompt)``, recording each piece's delay (workload 6)."""
+    async with _async_client(url, concurrency) as client:
+        stream = _require(client, "stream", "AsyncClient")
+        now = time.monotonic_ns
+
+        async def run(prompt: str, delays: MutableSequence[int], offset: int) -> int:
+            pieces = 0
+            async for piece in stream(prompt):
+                delays[offset + pieces] = now() - int(piece)
+                pieces += 1
+            return pieces
+
+        yield run
+
+
 # --- registry --------------------------------------------------------------------------------
 
 
@@ -368,7 +433,10 @@ class ClientSpec:
     batch_async: AsyncOpener | None = None
     batch_sync: SyncOpener | None = None
     stream: StreamOpener | None = None
-    loop: Literal["asyncio", "uvloop"] = "asyncio"
+    timed_stream: TimedOpener | None = None
+    # "modal_llm.run": the coroutine runs under modal_llm.run(..., uvloop=True), the public
+    # way to get uvloop (the speed extra); "uvloop": a bare uvloop loop.
+    loop: Literal["asyncio", "uvloop", "modal_llm.run"] = "asyncio"
     # Requests per throughput run relative to the others (the incumbent is sequential).
     count_scale: float = 1.0
 
@@ -377,7 +445,7 @@ CLIENTS: dict[str, ClientSpec] = {
     spec.name: spec
     for spec in (
         ClientSpec("aiohttp", "raw aiohttp (ceiling)", "peer", ("aiohttp",), open_aiohttp,
-                   stream=open_aiohttp_stream),
+                   stream=open_aiohttp_stream, timed_stream=open_aiohttp_timed),
         ClientSpec("httpx", "httpx.AsyncClient", "peer", ("httpx",), open_httpx),
         ClientSpec("requests", "requests.Session + threads", "peer", ("requests",),
                    batch_sync=open_requests),
@@ -390,16 +458,18 @@ CLIENTS: dict[str, ClientSpec] = {
                    open_mllm_many),
         ClientSpec("mllm-generate", "modal-llm generate + semaphore", "modal-llm",
                    ("modal_llm",), open_mllm_generate),
-        ClientSpec("mllm-map", "modal-llm client.map", "modal-llm", ("modal_llm",),
-                   open_mllm_map),
+        ClientSpec("mllm-map", "modal-llm client.map (unordered)", "modal-llm",
+                   ("modal_llm",), open_mllm_map),
+        ClientSpec("mllm-map-ordered", "modal-llm client.map(ordered=True)", "modal-llm",
+                   ("modal_llm",), open_mllm_map_ordered),
         ClientSpec("mllm-sync", "modal-llm Client + threads", "modal-llm", ("modal_llm",),
                    batch_sync=open_mllm_sync),
         ClientSpec("mllm-langchain", "modal_llm.langchain Modal.abatch", "modal-llm",
                    ("modal_llm",), open_mllm_langchain),
         ClientSpec("mllm-stream", "modal-llm client.stream", "modal-llm", ("modal_llm",),
-                   stream=open_mllm_stream),
-        ClientSpec("mllm-many-uvloop", "modal-llm generate_many, uvloop", "modal-llm",
-                   ("modal_llm", "uvloop"), open_mllm_many, loop="uvloop"),
+                   stream=open_mllm_stream, timed_stream=open_mllm_timed),
+        ClientSpec("mllm-many-uvloop", "modal-llm generate_many, modal_llm.run (uvloop)",
+                   "modal-llm", ("modal_llm", "uvloop"), open_mllm_many, loop="modal_llm.run"),
         ClientSpec("aiohttp-uvloop", "raw aiohttp, uvloop", "peer", ("aiohttp", "uvloop"),
                    open_aiohttp, loop="uvloop"),
     )

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-WORKLOADS = ("throughput", "fanout", "memory", "stream", "import")
+WORKLOADS = ("throughput", "fanout", "memory", "stream", "import", "streams")
 WORKLOAD_ALIASES = {str(i): name for i, name in enumerate(WORKLOADS, start=1)}
 
 DEFAULT_CLIENTS: dict[str, tuple[str, ...]] = {
@@ -37,6 +37,7 @@ DEFAULT_CLIENTS: dict[str, tuple[str, ...]] = {
         "mllm-many",
         "mllm-generate",
         "mllm-map",
+        "mllm-map-ordered",
         "mllm-sync",
         "mllm-langchain",
         "mllm-many-uvloop",
@@ -49,11 +50,13 @@ DEFAULT_CLIENTS: dict[str, tuple[str, ...]] = {
         "mllm-many",
         "mllm-generate",
         "mllm-map",
+        "mllm-map-ordered",
         "mllm-sync",
         "mllm-langchain",
     ),
-    "memory": ("aiohttp", "mllm-many", "mllm-map"),
+    "memory": ("aiohttp", "mllm-many", "mllm-map", "mllm-langchain"),
     "stream": ("aiohttp", "mllm-stream"),
+    "streams": ("aiohttp", "mllm-stream"),
 }
 
 # First-round request counts relative to the plan's, for peers far slower than the ceiling.
@@ -114,6 +117,14 @@ class Plan:
     streams: int = 64
     stream_pieces: int = 200
     stream_piece_delay: float = 0.005
+    # Workload 6, thousands of open streams: each stream's pieces come piece_delay apart;
+    # stream i starts i × ramp / streams seconds in, so all are open at once after the ramp.
+    open_streams: tuple[int, ...] = (500, 2_000, 5_000)
+    open_stream_pieces: int = 100
+    open_stream_piece_delay: float = 0.05
+    open_stream_ramp_s: float = 2.0
+    # "workload:client" pairs left out of the defaults (quick: too slow for a smoke).
+    skipped: tuple[str, ...] = ()
     import_reps: int = 7
     pin: bool = True
     use_nginx: bool = True
@@ -135,6 +146,11 @@ class Plan:
             "memory_sizes": (2_000, 20_000),
             "memory_rounds": 1,
             "import_reps": 2,
+            "open_streams": (50,),
+            "open_stream_pieces": 10,
+            "open_stream_piece_delay": 0.01,
+            "open_stream_ramp_s": 0.1,
+            "skipped": ("memory:mllm-langchain",),
             "timeout": 120.0,
         }
         values.update(overrides)
@@ -150,13 +166,15 @@ class Plan:
     def clients_for(self, workload: str) -> list[str]:
         """The workload's clients: its defaults, or every ``--only`` client that can run it."""
         if self.only is None:
-            return list(DEFAULT_CLIENTS[workload])
+            return [c for c in DEFAULT_CLIENTS[workload] if f"{workload}:{c}" not in self.skipped]
         wanted = []
         for name in self.only:
             spec = CLIENTS[name]
-            runs_stream = spec.stream is not None
-            runs_batch = spec.batch_async is not None or spec.batch_sync is not None
-            if (workload == "stream" and runs_stream) or (workload != "stream" and runs_batch):
+            runs = {
+                "stream": spec.stream is not None,
+                "streams": spec.timed_stream is not None,
+            }.get(workload, spec.batch_async is not None or spec.batch_sync is not None)
+            if runs:
                 wanted.append(name)
         return wanted
 
@@ -351,6 +369,25 @@ class Runner:
                 }
                 self._run(Record("stream", case, rnd, client, params))
 
+    def _streams(self, servers: Servers) -> None:
+        plan = self.plan
+        server = servers.sse_server(plan.open_stream_pieces, plan.open_stream_piece_delay)
+        self.servers_used["streams"] = server.kind
+        clients = self.plan.clients_for("streams")
+        for rnd in range(plan.rounds):
+            for streams in plan.open_streams:
+                for client in self._order(clients, rnd):
+                    params = {
+                        "mode": "streams",
+                        "url": server.url,
+                        "concurrency": streams,
+                        "streams": streams,
+                        "pieces": plan.open_stream_pieces,
+                        "piece_delay": plan.open_stream_piece_delay,
+                        "ramp_s": plan.open_stream_ramp_s,
+                    }
+                    self._run(Record("streams", f"{streams} streams", rnd, client, params))
+
     def _import(self, servers: Servers) -> None:
         del servers
         forbidden = ",".join(FORBIDDEN_PREFIXES)
@@ -434,6 +471,11 @@ def _brief(record: Record) -> str:
         return f"+{r['rss_delta_mb']:.1f} MB peak RSS, {r['rps']:.0f} req/s"
     if record.workload == "stream":
         return f"{r['cpu_us_per_piece']:.1f} µs CPU/piece, first piece {r['ttfp_ms']:.1f} ms"
+    if record.workload == "streams":
+        return (
+            f"{r['cpu_us_per_piece']:.1f} µs CPU/piece, {r['rss_kb_per_stream']:.1f} KB/stream, "
+            f"delay p50 {r['delay_p50_ms']:.2f} ms p99 {r['delay_p99_ms']:.1f} ms"
+        )
     return ""
 
 

@@ -209,6 +209,20 @@ class Servers:
             self._cache[key] = self._start_latency(latency, pieces, piece_delay, need_stream=stream)
         return self._cache[key]
 
+    def sse_server(self, pieces: int, piece_delay: float) -> Server:
+        """``benchmarks/_sse_server.py``: raw-asyncio SSE, pieces stamped with their write time."""
+        key: tuple[object, ...] = ("sse", pieces, piece_delay)
+        if key not in self._cache:
+            port = free_port()
+            cmd = [sys.executable, "-m", "benchmarks._sse_server", "--port", str(port)]
+            cmd += ["--pieces", str(pieces), "--piece-delay", str(piece_delay)]
+            if self._spawn(cmd, port) is None:
+                raise RuntimeError("the benchmark SSE server did not start")
+            kind = "benchmarks/_sse_server.py (raw asyncio"
+            kind += ", uvloop)" if importlib.util.find_spec("uvloop") else ")"
+            self._cache[key] = Server(f"http://127.0.0.1:{port}/", kind)
+        return self._cache[key]
+
     def _start_nginx(self) -> Server | None:
         nginx = shutil.which("nginx") or next(
             (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None

@@ -2,15 +2,18 @@
 
 Usage: ``python -m benchmarks._worker '{"client": "aiohttp", "mode": "batch", ...}'``
 
-Parameters: client, mode ("batch" or "stream"), url, concurrency, and for batch runs
-n, warmup and prompts ("fixed" or "distinct", always fed as a lazy generator); for stream
-runs streams, warmup_streams and pieces; optionally profile (a path for cProfile stats).
-The CPU time (all threads) and wall time cover the measured phase only; memory is the
-peak RSS above the baseline taken after imports.
+Parameters: client, mode ("batch", "stream" or "streams"), url, concurrency, and for batch
+runs n, warmup and prompts ("fixed" or "distinct", always fed as a lazy generator); for
+stream runs streams, warmup_streams and pieces; for open-streams runs (workload 6) streams,
+pieces and ramp_s (stream i starts i × ramp_s / streams seconds in); optionally profile (a
+path for cProfile stats). The CPU time (all threads) and wall time cover the measured phase
+only; memory is the peak RSS above the baseline taken after imports (and, for open-streams
+runs, after the delay array is allocated).
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import gc
@@ -73,8 +76,28 @@ def _prompts(kind: str, n: int) -> Iterator[str]:
     return (f"prompt {i}: write one sentence about the number {i}." for i in range(n))
 
 
+def _raise_nofile(needed: int) -> None:
+    """Raise RLIMIT_NOFILE to its hard limit; fail early if that cannot cover ``needed``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raise RuntimeError(f"RLIMIT_NOFILE is {soft}, {needed} file descriptors are needed")
+
+
 def _run_loop(coro: Coroutine[Any, Any, dict[str, Any]], loop_name: str) -> dict[str, Any]:
     loop: asyncio.AbstractEventLoop
+    if loop_name == "modal_llm.run":
+        import modal_llm
+
+        run = getattr(modal_llm, "run", None)
+        if run is None:
+            coro.close()
+            raise Unavailable("modal_llm.run is not available yet")
+        result: dict[str, Any] = run(coro, uvloop=True)
+        return result
     if loop_name == "uvloop":
         import uvloop
 
@@ -180,6 +203,65 @@ async def _stream(spec: ClientSpec, p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def _open_streams(
+    spec: ClientSpec, p: dict[str, Any], delays: array.array[int]
+) -> dict[str, Any]:
+    """Workload 6: ``streams`` streams open at once, each storing its pieces' delays."""
+    assert spec.timed_stream is not None
+    streams, pieces, ramp = p["streams"], p["pieces"], p["ramp_s"]
+    open_now = 0
+    most_open = 0
+
+    async def one(i: int) -> int:
+        nonlocal open_now, most_open
+        await asyncio.sleep(i * ramp / streams)
+        open_now += 1
+        most_open = max(most_open, open_now)
+        try:
+            return await run(f"stream {i}", delays, i * pieces)
+        finally:
+            open_now -= 1
+
+    async with spec.timed_stream(p["url"], streams) as run:
+        with _Clock() as clock, _profiled(p.get("profile")):
+            outcomes = await asyncio.gather(
+                *(one(i) for i in range(streams)), return_exceptions=True
+            )
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    if errors:
+        first = errors[0]
+        raise RuntimeError(f"{len(errors)} of {streams} streams failed, first: {first!r}"[:300])
+    received = sum(o for o in outcomes if isinstance(o, int))
+    expected = streams * pieces
+    if received != expected:
+        raise RuntimeError(f"{received} pieces received, expected {expected}")
+    return {
+        "count": received,
+        "wall_s": clock.wall,
+        "cpu_s": clock.cpu,
+        "cpu_us_per_piece": clock.cpu / received * 1e6,
+        "pieces_per_s": received / clock.wall,
+        "most_open": most_open,
+    }
+
+
+def _delay_stats(delays: array.array[int]) -> dict[str, float]:
+    """Delivery delay percentiles in ms (computed after the peak RSS was read)."""
+    ordered = sorted(delays)
+    n = len(ordered)
+
+    def pct(q: float) -> float:
+        return ordered[min(n - 1, max(0, math.ceil(q * n) - 1))] / 1e6
+
+    return {
+        "delay_p50_ms": pct(0.50),
+        "delay_p90_ms": pct(0.90),
+        "delay_p99_ms": pct(0.99),
+        "delay_max_ms": ordered[-1] / 1e6,
+        "delay_mean_ms": sum(ordered) / n / 1e6,
+    }
+
+
 def measure(p: dict[str, Any]) -> dict[str, Any]:
     """Import the client's modules, take the memory baseline, then run the workload."""
     spec = CLIENTS[p["client"]]
@@ -190,10 +272,19 @@ def measure(p: dict[str, Any]) -> dict[str, Any]:
         if spec.family == "modal-llm":
             raise Unavailable(f"import {exc.name or module} failed: {exc}") from exc
         raise
+    delays: array.array[int] | None = None
+    if p["mode"] == "streams":
+        if spec.timed_stream is None:
+            raise Unavailable(f"{spec.name} has no timed-stream runner")
+        _raise_nofile(p["streams"] + 256)
+        # Allocated (and touched) before the baseline, so it does not count as the client's.
+        delays = array.array("q", bytes(8 * p["streams"] * p["pieces"]))
     gc.collect()
     baseline_kb = _status_kb("VmRSS") or _peak_rss_kb()
     hwm_reset = _reset_peak_rss()
-    if p["mode"] == "stream":
+    if delays is not None:
+        result = _run_loop(_open_streams(spec, p, delays), spec.loop)
+    elif p["mode"] == "stream":
         result = _run_loop(_stream(spec, p), spec.loop)
     elif spec.batch_async is not None:
         result = _run_loop(_batch_async(spec, p), spec.loop)
@@ -206,6 +297,9 @@ def measure(p: dict[str, Any]) -> dict[str, Any]:
         rss_delta_mb=(peak_kb - baseline_kb) / 1024,
         rss_peak_reset=hwm_reset,
     )
+    if delays is not None:
+        result["rss_kb_per_stream"] = (peak_kb - baseline_kb) / p["streams"]
+        result.update(_delay_stats(delays))
     return result
 
 
