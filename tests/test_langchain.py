@@ -29,6 +29,7 @@ from pydantic import SecretStr, ValidationError
 
 from modal_llm import StatusError
 from modal_llm.langchain import Modal
+from modal_llm.langchain._base import client_cap
 
 from .test_sync import STREAM_PIECES, WAIT, ThreadedEndpoint
 
@@ -161,6 +162,72 @@ async def test_abatch_defaults_to_the_client_limit(endpoint: ThreadedEndpoint) -
     assert endpoint.max_in_flight == 5
 
 
+# RunnableConfig's max_concurrency above the field (32) is honoured, not capped by the
+# client: the gate opens only once 40 requests are in flight together (capped at 32 it
+# would never open, and the endpoint would answer 500 after WAIT seconds).
+ABOVE_FIELD = 40
+
+
+async def test_abatch_config_above_the_field_is_honoured(
+    llm: Modal, endpoint: ThreadedEndpoint
+) -> None:
+    endpoint.gate_at = ABOVE_FIELD
+    prompts: list[Any] = [f"gate: {i}" for i in range(2 * ABOVE_FIELD)]
+    results = await llm.abatch(prompts, config={"max_concurrency": ABOVE_FIELD})
+    assert results == [echo(p, max_tokens=8) for p in prompts]
+    assert endpoint.max_in_flight == ABOVE_FIELD
+    loop = asyncio.get_running_loop()
+    assert llm._async_clients.caps(loop) == [64]  # 40 rounded up to a power of two
+    assert await llm.ainvoke("plain") == echo("plain", max_tokens=8)
+    assert llm._async_clients.caps(loop) == [32, 64]  # no config: the field's client
+
+
+async def test_chain_abatch_config_above_the_field_is_honoured(
+    llm: Modal, endpoint: ThreadedEndpoint
+) -> None:
+    endpoint.gate_at = ABOVE_FIELD
+    chain = PromptTemplate.from_template("gate: {i}") | llm
+    inputs = [{"i": i} for i in range(ABOVE_FIELD)]
+    results = await chain.abatch(inputs, config={"max_concurrency": ABOVE_FIELD})
+    assert results == [echo(f"gate: {i}", max_tokens=8) for i in range(ABOVE_FIELD)]
+    assert endpoint.max_in_flight == ABOVE_FIELD
+
+
+async def test_ainvoke_inside_a_parent_run_uses_its_max_concurrency(
+    llm: Modal, endpoint: ThreadedEndpoint
+) -> None:
+    from langchain_core.runnables import RunnableLambda
+
+    endpoint.gate_at = ABOVE_FIELD
+
+    async def ask(i: int) -> str:
+        return await llm.ainvoke(f"gate: {i}")  # inherits the parent's config
+
+    results = await RunnableLambda(ask).abatch(
+        list(range(ABOVE_FIELD)), config={"max_concurrency": ABOVE_FIELD}
+    )
+    assert results == [echo(f"gate: {i}", max_tokens=8) for i in range(ABOVE_FIELD)]
+    assert endpoint.max_in_flight == ABOVE_FIELD
+
+
+def test_batch_config_above_the_field_is_honoured(llm: Modal, endpoint: ThreadedEndpoint) -> None:
+    endpoint.gate_at = ABOVE_FIELD
+    prompts: list[Any] = [f"gate: {i}" for i in range(ABOVE_FIELD)]
+    results = llm.batch(prompts, config={"max_concurrency": ABOVE_FIELD})
+    assert results == [echo(p, max_tokens=8) for p in prompts]
+    assert endpoint.max_in_flight == ABOVE_FIELD
+    assert sorted(llm._sync_clients) == [64]
+
+
+def test_client_cap_rule() -> None:
+    assert client_cap(32, None) == 32
+    assert client_cap(32, 8) == 32  # the batch runs 8 at once on the field's client
+    assert client_cap(32, 32) == 32
+    assert client_cap(32, 33) == 64
+    assert client_cap(32, 128) == 128
+    assert client_cap(4, 5) == 8
+
+
 def test_batch_honours_max_concurrency(llm: Modal, endpoint: ThreadedEndpoint) -> None:
     endpoint.gate_at = 4
     prompts: list[Any] = [f"gate: {i}" for i in range(12)]
@@ -229,7 +296,7 @@ async def test_dropping_the_llm_in_a_live_loop_closes_that_loops_pool(
 ) -> None:
     llm = Modal(endpoint_url=endpoint.url)
     assert await llm.ainvoke("hi") == echo("hi")
-    client = llm._async_clients._by_loop[asyncio.get_running_loop()][0]
+    client = llm._async_clients._by_loop[asyncio.get_running_loop()][32][0]
     del llm  # as in a notebook: the loop lives on, so it must close the pool itself
     for _ in range(100):  # the loop's finalizer hook schedules the close; let it run
         if repr(client).endswith(" closed>"):
@@ -241,7 +308,7 @@ async def test_dropping_the_llm_in_a_live_loop_closes_that_loops_pool(
 def test_dropping_the_llm_closes_its_blocking_client(endpoint: ThreadedEndpoint) -> None:
     llm = Modal(endpoint_url=endpoint.url)
     assert llm.invoke("hi") == echo("hi")
-    client = llm._sync_client
+    client = llm._sync_clients[32]
     assert client is not None
     portal = client._portal
     assert portal is not None
@@ -333,7 +400,7 @@ def test_copies_get_their_own_clients(llm: Modal, endpoint: ThreadedEndpoint) ->
     assert llm.invoke("hi") == echo("hi", max_tokens=8)
     other = llm.model_copy(update={"model_kwargs": {"top_k": 2}})
     assert other.invoke("hi") == echo("hi", top_k=2)
-    assert other._sync_client is not llm._sync_client
+    assert other._sync_clients[32] is not llm._sync_clients[32]
     deep = copy.deepcopy(llm)
     deep.model_kwargs["max_tokens"] = 1
     assert llm.model_kwargs == {"max_tokens": 8}

@@ -1,0 +1,449 @@
+"""What ``Modal`` and ``ChatModal`` share: settings, clients per event loop and cap, batches.
+
+Neither class has HTTP, retry or parsing logic of its own: every call goes through an
+``AsyncClient`` (one per running event loop and concurrency cap) or a blocking ``Client``
+(one per cap), built from the same validated ``ClientOptions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import copy
+import threading
+import warnings
+import weakref
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Final, cast
+from urllib.parse import urlsplit
+
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import (
+    ensure_config,
+    get_config_list,
+    get_executor_for_config,
+)
+from langchain_core.utils import from_env, secret_from_env
+from langchain_core.utils.utils import get_pydantic_field_names
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+
+from .._batch import gather_bounded
+from .._client import AsyncClient
+from .._config import (
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_STREAM_FLAG,
+    DEFAULT_TIMEOUT,
+    ENV_ENDPOINT_URL,
+    ENV_KEY,
+    ENV_SECRET,
+    ClientOptions,
+)
+from .._exceptions import ConfigError, ModalLLMError
+from .._stop import normalize_stop
+from .._sync import Client
+
+__all__ = ["ModalBase", "UnsupportedFeatureError", "client_cap"]
+
+_RESERVED_KWARGS: Final = frozenset({"prompt", "headers", "timeout"})
+"""Keys ``model_kwargs`` cannot hold: the client takes them as its own arguments."""
+
+_REQUESTED: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "modal_llm_langchain_max_concurrency", default=None
+)
+"""The ``max_concurrency`` of the RunnableConfig being run, if any (picks the client's cap)."""
+
+
+class UnsupportedFeatureError(ModalLLMError, NotImplementedError):
+    """A LangChain feature the endpoint contract cannot carry.
+
+    The contract is text in (``prompt``), text out (``prompt``): tool calling, structured
+    output, token usage and non-text content (images, audio, files) have no place in it.
+    Raised before anything is sent, instead of a silently wrong answer.
+    """
+
+
+def client_cap(field: int, requested: int | None) -> int:
+    """The ``max_concurrency`` of the client that serves a run.
+
+    ``field`` (the model's ``max_concurrency``) unless the RunnableConfig asks for more;
+    then ``requested`` rounded up to a power of two, so a few distinct caps share a client
+    each (a batch itself never runs more than ``requested`` at once).
+    """
+    if requested is None or requested <= field:
+        return field
+    return 1 << (requested - 1).bit_length()
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    return None if secret is None else secret.get_secret_value()
+
+
+@contextmanager
+def _requested_limit(config: RunnableConfig | None) -> Iterator[None]:
+    """Make ``config``'s ``max_concurrency`` (or its parent run's) pick the client."""
+    token = _REQUESTED.set(ensure_config(config).get("max_concurrency"))
+    try:
+        yield
+    finally:
+        _REQUESTED.reset(token)
+
+
+class _LoopClients:
+    """``AsyncClient``s per event loop and cap, each closed inside its loop as it shuts down.
+
+    ``asyncio.run``, ``asyncio.Runner`` and pytest-asyncio call ``loop.shutdown_asyncgens()``
+    before closing their loop. A small async generator parked in the loop per client
+    (``_closer``) is closed then, and it closes that client while the loop can still run it.
+    """
+
+    __slots__ = ("__weakref__", "_by_loop", "_lock")
+
+    def __init__(self) -> None:
+        self._by_loop: dict[
+            asyncio.AbstractEventLoop,
+            dict[int, tuple[AsyncClient, AsyncGenerator[None, None]]],
+        ] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return sum(len(by_cap) for by_cap in self._by_loop.values())
+
+    def caps(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        """The caps of the clients ``loop`` has (for tests and debugging)."""
+        return sorted(self._by_loop.get(loop, {}))
+
+    async def get(self, cap: int, options: Callable[[int], ClientOptions]) -> AsyncClient:
+        """The running loop's client for ``cap``, created from ``options(cap)`` on first use."""
+        loop = asyncio.get_running_loop()
+        entry = self._by_loop.get(loop)
+        found = None if entry is None else entry.get(cap)
+        if found is not None:
+            return found[0]
+        with self._lock:
+            for stale in [other for other in self._by_loop if other.is_closed()]:
+                del self._by_loop[stale]  # closed without shutdown_asyncgens(): too late
+            client = AsyncClient.from_options(options(cap))
+            closer = _closer(client, cap, weakref.ref(self))
+            self._by_loop.setdefault(loop, {})[cap] = (client, closer)
+        await closer.asend(None)  # first iteration: registers it with this loop
+        return client
+
+    def forget(self, loop: asyncio.AbstractEventLoop, cap: int, client: AsyncClient) -> None:
+        with self._lock:
+            by_cap = self._by_loop.get(loop)
+            if by_cap is None:
+                return
+            entry = by_cap.get(cap)
+            if entry is not None and entry[0] is client:
+                del by_cap[cap]
+            if not by_cap:
+                del self._by_loop[loop]
+
+
+async def _closer(
+    client: AsyncClient, cap: int, owner: weakref.ref[_LoopClients]
+) -> AsyncGenerator[None, None]:
+    # Holds its owner weakly: a strong reference would make a cycle, and a cycle is
+    # collected with every finalizer run at once, so the client would warn before the
+    # loop got the chance to close it. Dropped by reference count, this generator goes
+    # to the loop's finalizer hook, which schedules aclose() in its loop.
+    loop = asyncio.get_running_loop()
+    try:
+        yield
+    finally:
+        registry = owner()
+        if registry is not None:
+            registry.forget(loop, cap, client)
+        await client.aclose()
+
+
+class ModalBase(BaseModel):
+    """Settings and client plumbing shared by ``Modal`` and ``ChatModal`` (a mixin).
+
+    Unknown keyword arguments are moved into ``model_kwargs`` with a ``UserWarning``.
+    Settings are validated at construction and read when the first call creates a client.
+    """
+
+    # Validation errors must not echo the input: it holds modal_key and modal_secret.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    endpoint_url: str = Field(default_factory=from_env(ENV_ENDPOINT_URL, default=""))
+    """The endpoint's URL; falls back to ``MODAL_LLM_ENDPOINT_URL``."""
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra JSON keys sent with every prompt (``max_tokens``, ``temperature``, ...)."""
+    modal_key: SecretStr | None = Field(default_factory=secret_from_env(ENV_KEY, default=None))
+    """Proxy-auth token id sent as ``Modal-Key``; falls back to ``MODAL_LLM_KEY``."""
+    modal_secret: SecretStr | None = Field(
+        default_factory=secret_from_env(ENV_SECRET, default=None)
+    )
+    """Proxy-auth token secret sent as ``Modal-Secret``; falls back to ``MODAL_LLM_SECRET``."""
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    """Requests in flight at once per client, and the batch size when the RunnableConfig
+    gives no ``max_concurrency``. A config asking for more gets a client that allows it."""
+    max_retries: int = DEFAULT_MAX_RETRIES
+    """Retries after the first attempt, for connection errors, timeouts, 429 and 5xx."""
+    timeout: float | None = None
+    """Seconds for connect, first byte and each read; ``None`` keeps the client's
+    ``DEFAULT_TIMEOUT`` (long enough for a cold start)."""
+    streaming: bool = False
+    """Call the endpoint in streaming mode; ``invoke`` then joins the streamed pieces and
+    callbacks get ``on_llm_new_token`` for each one."""
+    stream_flag: str | None = DEFAULT_STREAM_FLAG
+    """JSON key set to ``true`` when streaming (``None`` to send no flag)."""
+
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _sync_clients: dict[int, Client] = PrivateAttr(default_factory=dict)
+    _async_clients: _LoopClients = PrivateAttr(default_factory=_LoopClients)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _build_extra(cls, values: Any) -> Any:
+        """Move unknown keyword arguments into ``model_kwargs``, with a warning."""
+        if not isinstance(values, dict):
+            return values
+        known = get_pydantic_field_names(cls)
+        extra = dict(values.get("model_kwargs") or {})
+        for name in list(values):
+            if name in known:
+                continue
+            if name in extra:
+                raise ValueError(f"Found {name} supplied twice.")
+            warnings.warn(
+                f"{name!r} is not a {cls.__name__} field; it was moved into model_kwargs and "
+                "will be sent to the endpoint with every prompt",
+                UserWarning,
+                stacklevel=4,
+            )
+            extra[name] = values.pop(name)
+        return {**values, "model_kwargs": extra}
+
+    @model_validator(mode="after")
+    def _check_settings(self) -> ModalBase:
+        """Fail at construction, not at the first call, on a bad URL or option."""
+        reserved = _RESERVED_KWARGS.intersection(self.model_kwargs)
+        if reserved:
+            raise ConfigError(
+                f"model_kwargs cannot hold {', '.join(sorted(reserved))}: the client takes "
+                "these as its own arguments"
+            )
+        normalize_stop(self.model_kwargs.get("stop"))
+        self._check_model_args(self.model_kwargs)
+        self._client_options(self.max_concurrency)
+        return self
+
+    def _check_model_args(self, args: dict[str, Any]) -> None:
+        """Refuse model arguments the class cannot honour (hook; ``ChatModal`` uses it)."""
+
+    def _client_options(self, cap: int) -> ClientOptions:
+        """The client options from the fields as they are now, with ``cap`` in flight."""
+        return ClientOptions.build(
+            self.endpoint_url or None,
+            modal_key=_reveal(self.modal_key),
+            modal_secret=_reveal(self.modal_secret),
+            max_concurrency=cap,
+            max_retries=self.max_retries,
+            timeout=DEFAULT_TIMEOUT if self.timeout is None else self.timeout,
+            stream_flag=self.stream_flag,
+        )
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return True
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        """``["modal_llm", "langchain"]``: the public import path, not the private module."""
+        return ["modal_llm", "langchain"]
+
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        return {"modal_key": ENV_KEY, "modal_secret": ENV_SECRET}
+
+    # -- clients ---------------------------------------------------------------------------
+
+    def _fresh_private(self) -> dict[str, Any]:
+        return {"_lock": threading.Lock(), "_sync_clients": {}, "_async_clients": _LoopClients()}
+
+    def __copy__(self) -> Any:
+        # A copy (also model_copy(update=...)) may change the settings: it gets its own
+        # clients, built from its own fields on first use.
+        clone = super().__copy__()
+        object.__setattr__(clone, "__pydantic_private__", self._fresh_private())
+        return clone
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
+        clone = self.__copy__()  # clients and locks are not copied, fields are
+        object.__setattr__(clone, "__dict__", copy.deepcopy(self.__dict__, memo))
+        return clone
+
+    def _cap(self) -> int:
+        return client_cap(self.max_concurrency, _REQUESTED.get())
+
+    def _blocking_client(self) -> Client:
+        """The blocking client for the sync methods (one per cap, shared by every thread)."""
+        cap = self._cap()
+        client = self._sync_clients.get(cap)
+        if client is None:
+            with self._lock:
+                client = self._sync_clients.get(cap)
+                if client is None:
+                    client = Client.from_options(self._client_options(cap))
+                    self._sync_clients[cap] = client
+        return client
+
+    async def _loop_client(self) -> AsyncClient:
+        """The running loop's own ``AsyncClient`` (an aiohttp pool cannot cross loops)."""
+        return await self._async_clients.get(self._cap(), self._client_options)
+
+    # -- model arguments -------------------------------------------------------------------
+
+    def _field_args(self) -> dict[str, Any]:
+        """Model arguments that come from fields (hook; ``ChatModal``'s ``max_tokens``...)."""
+        return {}
+
+    def _field_stops(self) -> tuple[str, ...]:
+        """Stop sequences that come from fields (hook; ``ChatModal``'s ``stop``)."""
+        return ()
+
+    def _model_args(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The client's keyword arguments: model arguments plus the stop sequences."""
+        params = {**self.model_kwargs, **self._field_args(), **kwargs}
+        if "prompt" in params:
+            raise ConfigError("'prompt' cannot be passed as a model argument")
+        self._check_model_args(params)
+        # A "stop" in model_kwargs is applied by the client, like the per-call stop.
+        stops = normalize_stop(params.pop("stop", None)) + self._field_stops()
+        stops += normalize_stop(stop)
+        params["stop"] = stops or None
+        return params
+
+    def _ls_common(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Tracing parameters (``ls_*``) from the fields, ``model_kwargs`` and this call."""
+        args = {**self.model_kwargs, **self._field_args(), **kwargs}
+        model = args.get("model")
+        params: dict[str, Any] = {
+            "ls_provider": "modal",
+            # No model argument: the endpoint's host names the deployment.
+            "ls_model_name": model
+            if isinstance(model, str)
+            else (urlsplit(self.endpoint_url).hostname or "modal"),
+        }
+        temperature = args.get("temperature")
+        if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+            params["ls_temperature"] = float(temperature)
+        max_tokens = args.get("max_tokens")
+        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
+            params["ls_max_tokens"] = max_tokens
+        try:
+            stops = normalize_stop(args.get("stop")) + self._field_stops() + normalize_stop(stop)
+        except ConfigError:
+            stops = ()
+        if stops:
+            params["ls_stop"] = list(stops)
+        return params
+
+    # -- runs: the RunnableConfig's max_concurrency picks the client ---------------------
+
+    def invoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        with _requested_limit(config):
+            return cast(Any, super()).invoke(input, config, stop=stop, **kwargs)
+
+    async def ainvoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        with _requested_limit(config):
+            return await cast(Any, super()).ainvoke(input, config, stop=stop, **kwargs)
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """``invoke`` each input on a thread pool of ``max_concurrency`` (config or field).
+
+        All threads share one blocking ``Client`` whose cap allows that many. With
+        ``return_exceptions=True`` a failing input's slot holds its own exception.
+        """
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        requested = configs[0].get("max_concurrency")
+        limit = requested or self.max_concurrency
+        pool_config: RunnableConfig = {**configs[0], "max_concurrency": min(limit, len(inputs))}
+        invoke = cast(Any, self).invoke
+        results: list[Any] = []
+        token = _REQUESTED.set(requested)
+        try:
+            # LangChain's executor copies this context into each thread: same client cap.
+            with get_executor_for_config(pool_config) as executor:
+                futures = [
+                    executor.submit(invoke, item, item_config, **kwargs)
+                    for item, item_config in zip(inputs, configs, strict=True)
+                ]
+                try:
+                    for future in futures:
+                        try:
+                            results.append(future.result())
+                        except Exception as exc:
+                            if not return_exceptions:
+                                raise
+                            results.append(exc)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+        finally:
+            _REQUESTED.reset(token)
+        return results
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """``ainvoke`` each input, at most ``max_concurrency`` (config or field) at once.
+
+        With ``return_exceptions=True`` a failing input's slot holds its own exception;
+        otherwise the first failure cancels the rest and is raised.
+        """
+        if not inputs:
+            return []
+        configs = get_config_list(config, len(inputs))
+        requested = configs[0].get("max_concurrency")
+        limit = requested or self.max_concurrency
+        ainvoke = cast(Any, self).ainvoke
+
+        async def one(pair: tuple[LanguageModelInput, RunnableConfig]) -> Any:
+            return await ainvoke(pair[0], pair[1], **kwargs)
+
+        token = _REQUESTED.set(requested)
+        try:
+            return await gather_bounded(
+                one,
+                zip(inputs, configs, strict=True),
+                concurrency=min(limit, len(inputs)),
+                return_exceptions=return_exceptions,
+            )
+        finally:
+            _REQUESTED.reset(token)
