@@ -42,7 +42,7 @@ def open_fds() -> int | None:
 
 
 def refused(url: str) -> bool:
-    port = int(url.rsplit(":", 1)[1].strip("/"))
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
@@ -331,7 +331,7 @@ def test_threaded_endpoint_leaves_no_thread_or_socket() -> None:
     with LocalEndpoint(script=["hang"]) as endpoint:
         url = endpoint.url
         assert len(set(threading.enumerate()) - threads) == 1
-        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1].strip("/")))) as s:
+        with socket.create_connection((endpoint.host, endpoint.port)) as s:
             s.sendall(b'POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{"prompt":""}')
             endpoint.wait_for(lambda st: st.in_flight == 1)
             endpoint.close()  # with a request hanging

@@ -66,6 +66,16 @@ class BaseLocalEndpoint:
         return self._url
 
     @property
+    def host(self) -> str:
+        """``"127.0.0.1"``: where to point a :class:`~modal_llm.testing.FaultProxy`."""
+        return "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (free when it started)."""
+        return int(self.url.rstrip("/").rsplit(":", 1)[1])
+
+    @property
     def requests(self) -> list[RecordedRequest]:
         """Every request received so far (a copy), in arrival order: POSTs and result GETs."""
         return list(self._endpoint.requests or ())
