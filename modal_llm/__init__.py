@@ -24,6 +24,7 @@ from ._config import (
     ClientOptions,
     RetryPolicy,
     Timeout,
+    UseClientDefault,
 )
 from ._exceptions import (
     AuthenticationError,
@@ -83,6 +84,7 @@ __all__ = [
     "StreamInterruptedError",
     "Timeout",
     "TransportError",
+    "UseClientDefault",
     "run",
 ]
 

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypeVar, overload
 from urllib.parse import urljoin
 
 import aiohttp
@@ -32,7 +32,7 @@ from ._config import (
     ClientOptions,
     ClientSettings,
     TimeoutTypes,
-    _UseClientDefault,
+    UseClientDefault,
     coerce_timeout,
     validate_headers,
 )
@@ -57,7 +57,10 @@ from ._exceptions import (
 )
 from ._fanout import (
     AdaptiveConcurrency,
+    AttemptObserver,
+    BatchItem,
     BatchResult,
+    FanOutPlan,
     ProgressCallback,
     PromptLike,
     RateLimiter,
@@ -111,6 +114,7 @@ class _Call:
         "deadline_at",
         "first_byte",
         "headers",
+        "on_attempt",
         "read_timeout",
         "result_url",
     )
@@ -131,6 +135,13 @@ class _Call:
         self.read_timeout = read_timeout
         self.deadline_at = deadline_at
         self.result_url: str | None = None
+        self.on_attempt: AttemptObserver | None = None
+
+
+class _FailedAttempt(NamedTuple):
+    """Stand-in for the send path's ``AttemptEvent`` (#10), which will replace it."""
+
+    error: ModalLLMError
 
 
 class _Reply:
@@ -358,7 +369,7 @@ class AsyncClient:
         *,
         stop: StopTypes = None,
         headers: HeaderTypes = None,
-        timeout: TimeoutTypes | _UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
     ) -> str:
         """Send ``prompt`` (with ``extra`` as model arguments) and return the generated text.
@@ -371,26 +382,12 @@ class AsyncClient:
             return completion.prompt
         return StopMatcher(normalize_stop(stop)).apply(completion.prompt)
 
-    async def _generate(
-        self,
-        prompt: str,
-        stop: StopTypes,
-        headers: HeaderTypes,
-        timeout: TimeoutTypes | _UseClientDefault,
-        extra: dict[str, Any],
-    ) -> tuple[str, int]:
-        """``generate`` that also reports how many attempts the POST took (for fan-out)."""
-        completion, attempts = await self._complete(prompt, headers, timeout, extra)
-        if stop is None:
-            return completion.prompt, attempts
-        return StopMatcher(normalize_stop(stop)).apply(completion.prompt), attempts
-
     async def complete(
         self,
         prompt: str,
         *,
         headers: HeaderTypes = None,
-        timeout: TimeoutTypes | _UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
     ) -> Completion:
         """Like ``generate`` but return the whole reply: ``.text`` and ``.data`` (all keys)."""
@@ -401,7 +398,7 @@ class AsyncClient:
         self,
         result_url: str,
         *,
-        timeout: TimeoutTypes | _UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
     ) -> Completion:
         """Keep polling a Modal result URL (from ``ResultPendingError.result_url``).
 
@@ -421,7 +418,7 @@ class AsyncClient:
         return_exceptions: Literal[False] = False,
         stop: StopTypes = None,
         headers: HeaderTypes = None,
-        timeout: TimeoutTypes | _UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
     ) -> list[str]: ...
 
@@ -433,7 +430,7 @@ class AsyncClient:
         return_exceptions: Literal[True],
         stop: StopTypes = None,
         headers: HeaderTypes = None,
-        timeout: TimeoutTypes | _UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
     ) -> list[str | ModalLLMError]: ...
 
@@ -444,7 +441,7 @@ class AsyncClient:
         return_exceptions: bool = False,
         stop: StopTypes = None,
         headers: HeaderTypes = None,
-        timeout: TimeoutTypes | _UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
     ) -> list[str] | list[str | ModalLLMError]:
         """Generate for every prompt concurrently (under ``max_concurrency``), in input order.
@@ -483,7 +480,7 @@ class AsyncClient:
         total: int | None = None,
         stop: StopTypes = None,
         headers: HeaderTypes = None,
-        timeout: TimeoutTypes | _UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
     ) -> AsyncGenerator[BatchResult, None]:
         """Generate for every item, pulled lazily; yield a ``BatchResult`` per item.
@@ -492,11 +489,19 @@ class AsyncClient:
         from any iterable or async iterable. At most ``concurrency`` (default
         ``max_concurrency``) run at once and ``window`` (default twice that) are pulled
         ahead of you, so memory stays flat for millions of prompts. ``ordered=True`` keeps
-        input order. Failed items carry their ``ModalLLMError``. See docs/batch.md.
+        input order. ``rate_limit`` (requests/s or a shared ``RateLimiter``) paces the
+        requests sent; ``adaptive`` backs off on 429/503. ``progress=True`` shows a tqdm
+        bar; ``on_progress(done, total, failed)`` runs after each result. ``stop``,
+        ``headers``, ``timeout`` and ``extra`` apply to every item (an item's own extras
+        win). Failed items carry their ``ModalLLMError``; any other exception propagates.
+
+        Raises ``ConfigError`` at once for an invalid option, and when ``concurrency`` (or
+        an ``AdaptiveConcurrency``'s ``maximum``) exceeds the client's ``max_concurrency``
+        or ``window``: the client's cap is the one rule, never lowered silently.
+        See docs/batch.md.
         """
-        return fan_out(
-            self,
-            items,
+        plan = FanOutPlan.build(
+            cap=self._options.max_concurrency,
             ordered=ordered,
             concurrency=concurrency,
             window=window,
@@ -505,11 +510,22 @@ class AsyncClient:
             progress=progress,
             on_progress=on_progress,
             total=total,
-            stop=stop,
-            headers=headers,
-            timeout=timeout,
-            extra=extra,
         )
+        if "prompt" in extra:
+            raise ConfigError("extra must not contain 'prompt'")
+        stops = normalize_stop(stop)
+        complete = self._complete
+
+        async def send(item: BatchItem, on_attempt: AttemptObserver | None) -> tuple[str, int]:
+            body = {**extra, **item.extra} if item.extra else extra
+            completion, attempts = await complete(
+                item.prompt, headers, timeout, body, on_attempt=on_attempt
+            )
+            if not stops:
+                return completion.prompt, attempts
+            return StopMatcher(stops).apply(completion.prompt), attempts
+
+        return fan_out(send, items, plan)
 
     def stream(
         self,
@@ -517,7 +533,7 @@ class AsyncClient:
         *,
         stop: StopTypes = None,
         headers: HeaderTypes = None,
-        timeout: TimeoutTypes | _UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
     ) -> AsyncGenerator[str, None]:
         """Yield the generated text piece by piece as the endpoint sends it.
@@ -536,7 +552,7 @@ class AsyncClient:
         self,
         prompt: str,
         headers: HeaderTypes,
-        timeout: TimeoutTypes | _UseClientDefault,
+        timeout: TimeoutTypes | UseClientDefault,
         extra: dict[str, Any],
         *,
         streaming: bool = False,
@@ -560,7 +576,7 @@ class AsyncClient:
         self,
         body: bytes,
         base_headers: dict[str, str],
-        timeout: TimeoutTypes | _UseClientDefault,
+        timeout: TimeoutTypes | UseClientDefault,
         *,
         streaming: bool = False,
     ) -> _Call:
@@ -568,7 +584,7 @@ class AsyncClient:
         # Unique per logical call: a random per-client prefix and a counter (no syscall).
         call_headers[IDEMPOTENCY_HEADER] = f"{self._key_prefix}{next(self._key_counter):08x}"
         call_headers[ATTEMPT_HEADER] = "1"
-        if isinstance(timeout, _UseClientDefault):
+        if isinstance(timeout, UseClientDefault):
             parts = self._options.timeout
             aio_timeout = self._aio_stream_timeout if streaming else self._aio_timeout
         else:
@@ -589,12 +605,19 @@ class AsyncClient:
         self,
         prompt: str,
         headers: HeaderTypes,
-        timeout: TimeoutTypes | _UseClientDefault,
+        timeout: TimeoutTypes | UseClientDefault,
         extra: dict[str, Any],
+        *,
+        on_attempt: AttemptObserver | None = None,
     ) -> tuple[Completion, int]:
+        """One unary call: the reply and how many attempts its POST took.
+
+        ``on_attempt`` (per call, for fan-out) sees every failed attempt, before any retry.
+        """
         if self._session is None or self._loop is not asyncio.get_running_loop():
             self._session_for_loop()
         call = self._prepare(prompt, headers, timeout, extra)
+        call.on_attempt = on_attempt
         if call.deadline_at is None:
             return await self._post_and_follow(call)
         remaining = call.deadline_at - asyncio.get_running_loop().time()
@@ -697,7 +720,7 @@ class AsyncClient:
 
         The one retry driver for unary requests, 303 polls and stream openings.
         """
-        self._notify_failure(first_error)
+        self._notify_failure(first_error, call)
         policy = self._options.retry
         if policy.max_retries == 0 or not is_retryable(first_error, policy):
             first_error.attempts = 1
@@ -710,7 +733,7 @@ class AsyncClient:
             try:
                 return await send(number)
             except ModalLLMError as exc:
-                self._notify_failure(exc)
+                self._notify_failure(exc, call)
                 raise
 
         loop = asyncio.get_running_loop()
@@ -719,10 +742,12 @@ class AsyncClient:
         )
         return result, attempts
 
-    def _notify_failure(self, error: ModalLLMError) -> None:
-        """Tell listeners (adaptive fan-out) that one attempt failed, before any retry."""
+    def _notify_failure(self, error: ModalLLMError, call: _Call) -> None:
+        """Tell listeners and the call's own observer that one attempt failed, before any retry."""
         for listener in self._failure_listeners:
             listener(error)
+        if call.on_attempt is not None:
+            call.on_attempt(_FailedAttempt(error))
 
     async def _fetch(
         self, method: str, url: str, data: bytes | None, call: _Call, attempt: int

@@ -33,6 +33,7 @@ __all__ = [
     "RetryPolicy",
     "Timeout",
     "TimeoutTypes",
+    "UseClientDefault",
 ]
 
 ENV_ENDPOINT_URL: Final = "MODAL_LLM_ENDPOINT_URL"
@@ -70,12 +71,17 @@ KEEPALIVE_TIMEOUT: Final = 60.0
 DNS_CACHE_TTL: Final = 300
 
 
-class _UseClientDefault:
-    """Sentinel type: "not passed", so that ``timeout=None`` can mean "no timeout"."""
+class UseClientDefault:
+    """The type of ``USE_CLIENT_DEFAULT``: "not passed, use the client's setting".
 
-    _instance: _UseClientDefault | None = None
+    A per-call ``timeout=`` defaults to ``USE_CLIENT_DEFAULT`` so that ``timeout=None`` can
+    mean "no timeout" (httpx's ``USE_CLIENT_DEFAULT`` idea). Annotate a wrapper's parameter
+    as ``TimeoutTypes | UseClientDefault`` to pass the choice through. A singleton.
+    """
 
-    def __new__(cls) -> _UseClientDefault:
+    _instance: UseClientDefault | None = None
+
+    def __new__(cls) -> UseClientDefault:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -87,7 +93,8 @@ class _UseClientDefault:
         return False
 
 
-USE_CLIENT_DEFAULT: Final = _UseClientDefault()
+USE_CLIENT_DEFAULT: Final = UseClientDefault()
+"""Passed as ``timeout=``: use the client's own ``timeout``."""
 
 _UNSET: Final = object()
 
@@ -269,6 +276,21 @@ def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     return dict(headers)
 
 
+_MODAL_CREDENTIAL_HEADERS: Final = {"modal-key": "Modal-Key", "modal-secret": "Modal-Secret"}
+
+
+def _refuse_credential_headers(headers: Mapping[str, str], passed: bool) -> None:
+    """Credentials given both as options (or env) and in ``headers=``: one would silently win."""
+    for name in headers:
+        canonical = _MODAL_CREDENTIAL_HEADERS.get(name.lower())
+        if canonical is not None:
+            source = "modal_key/modal_secret" if passed else f"{ENV_KEY}/{ENV_SECRET}"
+            raise ConfigError(
+                f"headers[{name!r}] conflicts with the credentials from {source}; "
+                f"pass them once (as modal_key/modal_secret)"
+            )
+
+
 _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -347,6 +369,8 @@ class ClientOptions:
                 )
 
         headers = validate_headers(kw.get("headers"))  # type: ignore[arg-type]
+        if key is not None:
+            _refuse_credential_headers(headers, kw.get("modal_key") is not None)
 
         retry = kw.get("retry")
         if retry is None:
@@ -355,7 +379,15 @@ class ClientOptions:
             raise ConfigError(f"retry must be a RetryPolicy, not {retry!r}")
         max_retries = kw.get("max_retries")
         if max_retries is not None:
+            given = retry
             retry = dataclasses.replace(retry, max_retries=max_retries)  # type: ignore[arg-type]
+            if kw.get("retry") is not None and retry.max_retries != given.max_retries:
+                # Two options for one setting: refuse rather than let one silently win.
+                raise ConfigError(
+                    f"max_retries={retry.max_retries} conflicts with "
+                    f"retry=RetryPolicy(max_retries={given.max_retries}); pass one of them, "
+                    "e.g. retry=RetryPolicy(..., max_retries=N)"
+                )
 
         timeout = coerce_timeout(kw.get("timeout", DEFAULT_TIMEOUT))  # type: ignore[arg-type]
 
@@ -370,6 +402,13 @@ class ClientOptions:
         connection_limit = (
             max_concurrency if limit is None else positive_int("connection_limit", max_concurrency)
         )
+        if connection_limit < max_concurrency:
+            note = "" if "max_concurrency" in kw else " (the default)"
+            raise ConfigError(
+                f"connection_limit={connection_limit} is below max_concurrency="
+                f"{max_concurrency}{note}: requests would wait for a connection while "
+                "holding a concurrency slot; raise connection_limit or lower max_concurrency"
+            )
         stream_flag = kw.get("stream_flag", DEFAULT_STREAM_FLAG)
         if stream_flag is not None and (not isinstance(stream_flag, str) or not stream_flag):
             raise ConfigError(f"stream_flag must be a non-empty str or None, not {stream_flag!r}")
@@ -385,5 +424,5 @@ class ClientOptions:
             max_reply_bytes=positive_int("max_reply_bytes", DEFAULT_MAX_REPLY_BYTES),
             stream_flag=stream_flag,
             stream_require_done=bool(kw.get("stream_require_done", True)),
-            connection_limit=max(connection_limit, max_concurrency),
+            connection_limit=connection_limit,
         )

@@ -1,18 +1,20 @@
-"""Fan-out at scale: many prompts through one client, lazily, with bounded memory.
+"""Fan-out at scale: many prompts through one send callable, lazily, with bounded memory.
 
-``fan_out(client, items)`` is the engine behind ``AsyncClient.map``. A fixed set of worker
+``fan_out(send, items, plan)`` is the engine behind ``AsyncClient.map``, which builds
+both the ``send`` callable (one logical call of the client) and the ``FanOutPlan`` (its
+options, validated once); this module knows nothing of the client. A fixed set of worker
 tasks pulls requests from the input one at a time, so a generator of a million prompts
 never becomes a million tasks or coroutines. Memory is bounded by ``window``: at most that
 many items are pulled but not yet handed to the consumer (in flight, or finished and
 waiting in the output or reorder buffer). Pacing is optional and shared by the call's
 workers: a ``RateLimiter`` (requests per second) and an ``AdaptiveConcurrency`` limit that
-backs off on 429/503 and grows back when requests succeed again (AIMD).
+backs off on 429/503 and grows back when requests succeed again (AIMD); each item's
+attempts reach the limit through that item's own ``on_attempt`` observer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import math
 import time
 from collections import deque
@@ -20,6 +22,7 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Callable,
     Collection,
     Hashable,
@@ -29,20 +32,19 @@ from collections.abc import (
     Sized,
 )
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from functools import partial
+from typing import Any, Final, Protocol
 
-from ._config import USE_CLIENT_DEFAULT, TimeoutTypes, _UseClientDefault
 from ._exceptions import ConfigError, ModalLLMError, StatusError
-from ._types import HeaderTypes, StopTypes
-
-if TYPE_CHECKING:
-    from ._client import AsyncClient
 
 __all__ = [
     "AdaptiveConcurrency",
+    "AttemptOutcome",
     "BatchItem",
     "BatchResult",
+    "FanOutPlan",
     "RateLimiter",
+    "Send",
     "fan_out",
 ]
 
@@ -71,6 +73,23 @@ PromptLike = str | BatchItem | Mapping[str, Any]
 """One input of a fan-out: a prompt, a ``BatchItem``, or a mapping with ``"prompt"``."""
 ProgressCallback = Callable[[int, int | None, int], None]
 """``on_progress(done, total_or_None, failed)``, called after each result."""
+
+
+class AttemptOutcome(Protocol):
+    """What fan-out reads of one attempt's event (the client's ``AttemptEvent``)."""
+
+    @property
+    def error(self) -> ModalLLMError | None:
+        """The attempt's error; None when it succeeded."""
+        ...
+
+
+AttemptObserver = Callable[[AttemptOutcome], None]
+"""Called with every attempt event of one logical call (sync, on the loop)."""
+Send = Callable[[BatchItem, AttemptObserver | None], Awaitable[tuple[str, int]]]
+"""``await send(item, on_attempt)``: one logical call for ``item``; returns ``(text,
+attempts)`` or raises ``ModalLLMError``. ``on_attempt``, when not None, must see every
+attempt of that call (``AsyncClient._complete(..., on_attempt=...)``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +121,10 @@ class RateLimiter:
 
     A reservation clock (GCRA): each ``acquire()`` books the next free slot and sleeps
     until it, once; nothing polls. Share one instance between calls to pace them together.
-    ``clock`` (seconds, monotonic) is for tests of ``reserve()``.
+    ``map`` books a slot only for a request it is about to send, and a wait that is
+    cancelled gives its slot back when no later slot was booked after it (so closing a
+    map early leaves the budget to the others). ``clock`` (seconds, monotonic) is for
+    tests of ``reserve()``.
     """
 
     def __init__(
@@ -119,6 +141,10 @@ class RateLimiter:
         self._interval = 1.0 / self.rate
         self._clock = clock if clock is not None else time.monotonic
         self._next: float | None = None  # theoretical time of the next request
+        # Cancelled bookings not yet given back, keyed by the `_next` each one set: a
+        # booking is given back once every booking after it is (the tail of the clock).
+        self._returned: dict[float, float | None] = {}
+        self._booked: tuple[float | None, float] = (None, 0.0)
 
     def __repr__(self) -> str:
         return f"RateLimiter(rate={self.rate:g}, burst={self.burst})"
@@ -126,16 +152,35 @@ class RateLimiter:
     def reserve(self) -> float:
         """Book one request; return how many seconds to wait before sending it."""
         now = self._clock()
-        due = now if self._next is None else max(self._next, now)
-        self._next = due + self._interval
+        before = self._next
+        due = now if before is None else max(before, now)
+        self._next = after = due + self._interval
+        self._booked = (before, after)  # read by acquire() right away, before any await
         allowed_at = due - (self.burst - 1) * self._interval
         return max(0.0, allowed_at - now)
 
     async def acquire(self) -> None:
-        """Wait for this request's slot. A cancelled wait leaves its slot unused."""
+        """Wait for this request's slot. A cancelled wait gives the slot back if it can."""
         delay = self.reserve()
-        if delay > 0:
+        if delay <= 0:
+            return
+        before, after = self._booked
+        try:
             await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            self._give_back(before, after)
+            raise
+
+    def _give_back(self, before: float | None, after: float) -> None:
+        returned = self._returned
+        returned[after] = before
+        # Unwind the tail: the last booking, then the one before it if it was given back too.
+        while self._next in returned:
+            self._next = returned.pop(self._next)
+        if returned:  # bookings in the middle of the clock: stale once their time passed
+            now = self._clock()
+            for key in [k for k in returned if k <= now]:
+                del returned[key]
 
 
 class AdaptiveConcurrency:
@@ -266,13 +311,6 @@ class AdaptiveConcurrency:
                 free -= 1
 
 
-# The ticket of the request a worker task is running, so that the client's failure
-# listener (called in that task, before any retry) can tell whose attempt failed.
-_TICKET: contextvars.ContextVar[tuple[object, int] | None] = contextvars.ContextVar(
-    "modal_llm_fanout_ticket", default=None
-)
-
-
 class _Crash:
     """A worker hit something that is not a ``ModalLLMError``: a bug to re-raise."""
 
@@ -377,8 +415,13 @@ def _positive(name: str, value: object) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class _Plan:
-    """Everything one fan-out call decided before starting (strictly private)."""
+class FanOutPlan:
+    """How one fan-out runs, decided and validated once, before anything starts.
+
+    Built only by :meth:`build`, from ``AsyncClient.map``'s own options (the one place
+    they are written out). ``workers`` is how many items may be in flight; ``window``
+    bounds items pulled but not yet yielded.
+    """
 
     workers: int
     window: int
@@ -388,111 +431,127 @@ class _Plan:
     total: int | None
     on_progress: ProgressCallback | None
     bar_class: Any
-    stop: StopTypes
-    headers: HeaderTypes
-    timeout: TimeoutTypes | _UseClientDefault
-    extra: dict[str, Any]
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        cap: int,
+        ordered: bool,
+        concurrency: int | None,
+        window: int | None,
+        rate_limit: float | RateLimiter | None,
+        adaptive: bool | AdaptiveConcurrency,
+        progress: bool,
+        on_progress: ProgressCallback | None,
+        total: int | None,
+    ) -> FanOutPlan:
+        """Validate ``map``'s options against the client's ``max_concurrency`` (``cap``).
+
+        The concurrency rule (docs/batch.md): the client's ``max_concurrency`` is the one
+        cap on requests in flight. ``concurrency`` (or an ``AdaptiveConcurrency``'s
+        ``maximum``) may ask for at most that, and for no more than ``window`` allows;
+        asking for more raises ``ConfigError`` naming both numbers, never a silent cap.
+        """
+        limiter: AdaptiveConcurrency | None = None
+        if isinstance(adaptive, AdaptiveConcurrency):
+            limiter = adaptive
+        elif not isinstance(adaptive, bool):
+            raise ConfigError(
+                f"adaptive must be a bool or an AdaptiveConcurrency, not {adaptive!r}"
+            )
+        if window is not None:
+            window = _positive("window", window)
+        if concurrency is not None:
+            workers = _positive("concurrency", concurrency)
+            asked = f"concurrency={workers}"
+        elif limiter is not None:
+            workers = limiter.maximum
+            asked = f"AdaptiveConcurrency(maximum={workers})"
+        else:  # nothing asked: as many as the client and the window allow
+            workers = cap if window is None else min(cap, window)
+            asked = ""
+        if asked:
+            if workers > cap:
+                raise ConfigError(
+                    f"{asked} exceeds the client's max_concurrency={cap}: ask for at most "
+                    f"{cap}, or build the client with max_concurrency={workers}"
+                )
+            if window is not None and workers > window:
+                raise ConfigError(
+                    f"{asked} exceeds window={window}: at most `window` items are in "
+                    "flight; raise window or lower the concurrency"
+                )
+        if limiter is not None and limiter.maximum > workers:
+            raise ConfigError(
+                f"AdaptiveConcurrency(maximum={limiter.maximum}) exceeds concurrency={workers}; "
+                "the limit could never reach its maximum"
+            )
+        if adaptive is True:
+            limiter = AdaptiveConcurrency(workers)
+        if isinstance(rate_limit, RateLimiter) or rate_limit is None:
+            rate = rate_limit
+        else:
+            rate = RateLimiter(rate_limit)
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int)):
+            raise ConfigError(f"total must be an int or None, not {total!r}")
+        return cls(
+            workers=workers,
+            window=DEFAULT_WINDOW_FACTOR * workers if window is None else window,
+            ordered=bool(ordered),
+            rate=rate,
+            limiter=limiter,
+            total=total,
+            on_progress=on_progress,
+            bar_class=_progress_bar_class() if progress else None,
+        )
 
 
 def fan_out(
-    client: AsyncClient,
+    send: Send,
     items: Iterable[PromptLike] | AsyncIterable[PromptLike],
-    *,
-    ordered: bool = False,
-    concurrency: int | None = None,
-    window: int | None = None,
-    rate_limit: float | RateLimiter | None = None,
-    adaptive: bool | AdaptiveConcurrency = False,
-    progress: bool = False,
-    on_progress: ProgressCallback | None = None,
-    total: int | None = None,
-    stop: StopTypes = None,
-    headers: HeaderTypes = None,
-    timeout: TimeoutTypes | _UseClientDefault = USE_CLIENT_DEFAULT,
-    extra: Mapping[str, Any] | None = None,
+    plan: FanOutPlan,
 ) -> AsyncGenerator[BatchResult, None]:
-    """Generate for every item of ``items``; yield a ``BatchResult`` per item.
+    """Run ``send`` for every item of ``items`` as ``plan`` says; yield a ``BatchResult`` each.
 
-    ``items`` is any iterable or async iterable of prompts, ``BatchItem``s or mappings
-    ``{"prompt": ..., "id": ..., **extra}``; it is pulled lazily. Results come as they
-    complete, or in input order with ``ordered=True``. ``concurrency`` (default: the
-    client's ``max_concurrency``) bounds items in flight; ``window`` (default twice that)
-    bounds items pulled but not yet yielded, which bounds memory and, with ``ordered``,
-    the reorder buffer. ``rate_limit`` paces requests per second; ``adaptive`` backs off
-    on 429/503. ``progress=True`` shows a tqdm bar; ``on_progress(done, total, failed)``
-    is called after each result. ``stop``, ``headers``, ``timeout`` and ``extra`` apply to
-    every item (an item's own extras win). Failed items carry their ``ModalLLMError``;
-    any other exception propagates. Closing the iterator (``break`` then garbage
-    collection, ``aclose()``, or cancelling the consumer) cancels requests in flight.
+    ``send(item, on_attempt)`` makes one logical call and returns ``(text, attempts)``
+    or raises a ``ModalLLMError``; ``on_attempt`` (None unless the plan is adaptive) must
+    be called with every attempt event of that call, so that its 429/503 answers reach
+    the adaptive limit. ``items`` is pulled lazily. Failed items carry their
+    ``ModalLLMError``; any other exception propagates. Closing the iterator (``break``
+    then garbage collection, ``aclose()``, cancelling the consumer) cancels what is in
+    flight. Raises ``ConfigError`` at once if ``items`` is not an iterable of prompts.
     """
     source = _Source(items)
-    limiter: AdaptiveConcurrency | None = None
-    if isinstance(adaptive, AdaptiveConcurrency):
-        limiter = adaptive
-        default_concurrency = adaptive.maximum
-    elif isinstance(adaptive, bool):
-        default_concurrency = client.options.max_concurrency
-    else:
-        raise ConfigError(f"adaptive must be a bool or an AdaptiveConcurrency, not {adaptive!r}")
-    workers = _positive("concurrency", default_concurrency if concurrency is None else concurrency)
-    if adaptive is True:
-        limiter = AdaptiveConcurrency(workers)
-    if window is None:
-        window = DEFAULT_WINDOW_FACTOR * workers
-    window = _positive("window", window)
-    if isinstance(rate_limit, RateLimiter) or rate_limit is None:
-        rate = rate_limit
-    else:
-        rate = RateLimiter(rate_limit)
+    total = plan.total
     if total is None and isinstance(items, Sized):
         total = len(items)
-    shared = dict(extra or {})
-    if "prompt" in shared:
-        raise ConfigError("extra must not contain 'prompt'")
-    plan = _Plan(
-        workers=min(workers, window),
-        window=window,
-        ordered=ordered,
-        rate=rate,
-        limiter=limiter,
-        total=total,
-        on_progress=on_progress,
-        bar_class=_progress_bar_class() if progress else None,
-        stop=stop,
-        headers=headers,
-        timeout=timeout,
-        extra=shared,
-    )
-    return _run(client, source, plan)
+    return _run(send, source, plan, total)
+
+
+def _congestion_hook(limiter: AdaptiveConcurrency, ticket: int, event: AttemptOutcome) -> None:
+    """One item's attempt observer: a 429/503 on any of its attempts may cut the limit."""
+    error = event.error
+    if error is not None and limiter.is_congestion(error):
+        limiter.on_congestion(ticket)
 
 
 async def _run(
-    client: AsyncClient, source: _Source, plan: _Plan
+    send: Send, source: _Source, plan: FanOutPlan, total: int | None
 ) -> AsyncGenerator[BatchResult, None]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue()
     room = asyncio.Semaphore(plan.window)
     limiter = plan.limiter
-    run_id = object()
+    rate = plan.rate
 
-    def on_failure(error: ModalLLMError) -> None:
-        ticket = _TICKET.get()
-        if (
-            limiter is not None
-            and ticket is not None
-            and ticket[0] is run_id
-            and limiter.is_congestion(error)
-        ):
-            limiter.on_congestion(ticket[1])
-
-    async def send(index: int, item: BatchItem) -> BatchResult:
-        extra = {**plan.extra, **item.extra} if item.extra else plan.extra
+    async def one(index: int, item: BatchItem, on_attempt: AttemptObserver | None) -> BatchResult:
         ident: Hashable = index if item.id is None else item.id
+        if rate is not None:
+            await rate.acquire()  # booked only now: a budget is spent on requests sent
         started = loop.time()
         try:
-            text, attempts = await client._generate(
-                item.prompt, plan.stop, plan.headers, plan.timeout, extra
-            )
+            text, attempts = await send(item, on_attempt)
         except ModalLLMError as exc:
             latency = loop.time() - started
             return BatchResult(index, ident, item.prompt, None, exc, _attempts_of(exc), latency)
@@ -502,20 +561,22 @@ async def _run(
         try:
             while True:
                 await room.acquire()
-                ticket = None if limiter is None else await limiter.acquire()
-                success = False
-                try:
-                    if plan.rate is not None:
-                        await plan.rate.acquire()
-                    pulled = await source.pull()
-                    if pulled is None:
-                        break
-                    if ticket is not None:
-                        _TICKET.set((run_id, ticket))
-                    result = await send(*pulled)
-                    success = result.ok
-                finally:
-                    if limiter is not None:
+                # Input first: a worker that finds it exhausted stops at once, without
+                # waiting for (or booking) a rate or concurrency slot it would not use.
+                pulled = await source.pull()
+                if pulled is None:
+                    break
+                index, item = pulled
+                if limiter is None:
+                    result = await one(index, item, None)
+                else:
+                    ticket = await limiter.acquire()
+                    success = False
+                    try:
+                        hook = partial(_congestion_hook, limiter, ticket)
+                        result = await one(index, item, hook)
+                        success = result.ok
+                    finally:
                         limiter.release(success=success)
                 queue.put_nowait(result)
         except asyncio.CancelledError:
@@ -526,12 +587,10 @@ async def _run(
         queue.put_nowait(_FINISHED)
 
     bar = None
-    if limiter is not None:
-        client._failure_listeners.append(on_failure)
     tasks = [loop.create_task(worker()) for _ in range(plan.workers)]
     try:
         if plan.bar_class is not None:
-            bar = plan.bar_class(total=plan.total, unit="prompt", dynamic_ncols=True)
+            bar = plan.bar_class(total=total, unit="prompt", dynamic_ncols=True)
         running = len(tasks)
         done = failed = 0
         waiting: dict[int, BatchResult] = {}  # ordered: finished, but behind an earlier item
@@ -552,7 +611,7 @@ async def _run(
                     bar.set_postfix(failed=failed, refresh=False)
                 bar.update(1)
             if plan.on_progress is not None:
-                plan.on_progress(done, plan.total, failed)
+                plan.on_progress(done, total, failed)
             if not plan.ordered:
                 room.release()
                 yield message
@@ -567,7 +626,5 @@ async def _run(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if limiter is not None:
-            client._failure_listeners.remove(on_failure)
         if bar is not None:
             bar.close()

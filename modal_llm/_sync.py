@@ -20,10 +20,21 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
 from ._client import AsyncClient
-from ._config import USE_CLIENT_DEFAULT, ClientOptions, ClientSettings, TimeoutTypes
-from ._config import _UseClientDefault as _UseDefault
+from ._config import (
+    USE_CLIENT_DEFAULT,
+    ClientOptions,
+    ClientSettings,
+    TimeoutTypes,
+    UseClientDefault,
+)
 from ._exceptions import ClientClosedError, ModalLLMError, redact_url
-from ._fanout import BatchResult, PromptLike
+from ._fanout import (
+    AdaptiveConcurrency,
+    BatchResult,
+    ProgressCallback,
+    PromptLike,
+    RateLimiter,
+)
 from ._types import HeaderTypes, StopTypes
 
 if TYPE_CHECKING:
@@ -265,7 +276,7 @@ class Client:
         *,
         stop: StopTypes = None,
         headers: HeaderTypes = None,
-        timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
     ) -> str:
         """Send ``prompt`` (with ``extra`` as model arguments) and return the generated text."""
@@ -278,7 +289,7 @@ class Client:
         prompt: str,
         *,
         headers: HeaderTypes = None,
-        timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
     ) -> Completion:
         """Like ``generate`` but return the whole reply: ``.text`` and ``.data`` (all keys)."""
@@ -287,7 +298,7 @@ class Client:
         )
 
     def resume(
-        self, result_url: str, *, timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT
+        self, result_url: str, *, timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT
     ) -> Completion:
         """Keep polling a Modal result URL (from ``ResultPendingError.result_url``)."""
         return self._live_portal().call(self._aclient.resume, result_url, timeout=timeout)
@@ -300,7 +311,7 @@ class Client:
         return_exceptions: Literal[False] = False,
         stop: StopTypes = None,
         headers: HeaderTypes = None,
-        timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
     ) -> list[str]: ...
 
@@ -312,7 +323,7 @@ class Client:
         return_exceptions: Literal[True],
         stop: StopTypes = None,
         headers: HeaderTypes = None,
-        timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
     ) -> list[str | ModalLLMError]: ...
 
@@ -323,7 +334,7 @@ class Client:
         return_exceptions: bool = False,
         stop: StopTypes = None,
         headers: HeaderTypes = None,
-        timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
     ) -> list[str] | list[str | ModalLLMError]:
         """Generate for every prompt concurrently (under ``max_concurrency``), in input order."""
@@ -344,7 +355,7 @@ class Client:
         *,
         stop: StopTypes = None,
         headers: HeaderTypes = None,
-        timeout: TimeoutTypes | _UseDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
     ) -> Generator[str, None, None]:
         """Yield the generated text piece by piece as the endpoint sends it.
@@ -362,17 +373,46 @@ class Client:
         return _pieces(portal, portal.call(open_stream))
 
     def map(
-        self, items: Iterable[PromptLike], **options: Any
+        self,
+        items: Iterable[PromptLike],
+        *,
+        ordered: bool = False,
+        concurrency: int | None = None,
+        window: int | None = None,
+        rate_limit: float | RateLimiter | None = None,
+        adaptive: bool | AdaptiveConcurrency = False,
+        progress: bool = False,
+        on_progress: ProgressCallback | None = None,
+        total: int | None = None,
+        stop: StopTypes = None,
+        headers: HeaderTypes = None,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
+        **extra: Any,
     ) -> Generator[BatchResult, None, None]:
         """Blocking ``AsyncClient.map``: one ``BatchResult`` per item, pulled lazily.
 
-        Takes the same keyword options (``ordered``, ``concurrency``, ``rate_limit``,
-        ``adaptive``, ``progress``, ...). Leaving the loop early cancels what is in flight.
+        Same options and rules as ``AsyncClient.map`` (docs/batch.md); ``on_progress`` runs
+        on the client's loop thread. Invalid options raise ``ConfigError`` here, at once.
+        Leaving the loop early cancels what is in flight.
         """
         portal = self._live_portal()
 
         async def open_map() -> AsyncGenerator[BatchResult, None]:
-            return self._aclient.map(items, **options)
+            return self._aclient.map(
+                items,
+                ordered=ordered,
+                concurrency=concurrency,
+                window=window,
+                rate_limit=rate_limit,
+                adaptive=adaptive,
+                progress=progress,
+                on_progress=on_progress,
+                total=total,
+                stop=stop,
+                headers=headers,
+                timeout=timeout,
+                **extra,
+            )
 
         return _pieces(portal, portal.call(open_map))
 

@@ -246,7 +246,7 @@ async def test_persistent_5xx_reports_exact_attempts(make_endpoint: MakeEndpoint
         return web.Response(status=500, text="modal-http: internal error: function execution")
 
     url = await make_endpoint(handler)
-    async with AsyncClient(url, retry=NO_WAIT, max_retries=2) as c:
+    async with AsyncClient(url, retry=dataclasses.replace(NO_WAIT, max_retries=2)) as c:
         with pytest.raises(ServerError) as info:
             await c.generate("hi")
     assert rec.posts == 3
@@ -309,7 +309,9 @@ async def test_unreachable_endpoint_is_a_connect_error() -> None:
     port = server.sockets[0].getsockname()[1]
     server.close()
     await server.wait_closed()
-    async with AsyncClient(f"http://127.0.0.1:{port}/", retry=NO_WAIT, max_retries=1) as c:
+    async with AsyncClient(
+        f"http://127.0.0.1:{port}/", retry=dataclasses.replace(NO_WAIT, max_retries=1)
+    ) as c:
         with pytest.raises(ConnectError) as info:
             await c.generate("hi")
     assert info.value.attempts == 2

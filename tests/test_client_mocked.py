@@ -7,6 +7,8 @@ against real loopback servers in test_client.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import aiohttp
 import pytest
 from aioresponses import aioresponses
@@ -29,7 +31,7 @@ URL = "https://me--llm-web.modal.run/"
 async def test_failures_before_a_reply_are_retried(failure: Exception) -> None:
     with aioresponses() as mocked:
         mocked.post(URL, exception=failure, repeat=True)
-        async with AsyncClient(URL, retry=NO_WAIT, max_retries=2) as client:
+        async with AsyncClient(URL, retry=dataclasses.replace(NO_WAIT, max_retries=2)) as client:
             with pytest.raises(ConnectError) as info:
                 await client.generate("hi")
         assert sum(len(calls) for calls in mocked.requests.values()) == 3
@@ -51,7 +53,7 @@ async def test_socket_timeout_maps_to_a_typed_timeout() -> None:
 async def test_connection_timeout_maps_to_the_connect_phase() -> None:
     with aioresponses() as mocked:
         mocked.post(URL, exception=aiohttp.ConnectionTimeoutError(), repeat=True)
-        async with AsyncClient(URL, retry=NO_WAIT, max_retries=1) as client:
+        async with AsyncClient(URL, retry=dataclasses.replace(NO_WAIT, max_retries=1)) as client:
             with pytest.raises(EndpointTimeoutError) as info:
                 await client.generate("hi")
     assert info.value.phase == "connect"

@@ -11,6 +11,7 @@ is not loopback draw a warning.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -227,7 +228,9 @@ async def test_errors_from_every_status_hide_credentials_even_when_echoed(
     """Every 2xx-5xx status, with a body that repeats the request headers back."""
     url = await make_endpoint(origin_handler, path=f"/gen?token={QUERY_TOKEN}")
     errors: list[ModalLLMError] = []
-    async with AsyncClient(url, retry=NO_WAIT, max_retries=1, **AUTH) as client:
+    async with AsyncClient(
+        url, retry=dataclasses.replace(NO_WAIT, max_retries=1), **AUTH
+    ) as client:
         for status in range(200, 600):
             with pytest.raises(ModalLLMError) as info:
                 if op == "generate":

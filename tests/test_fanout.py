@@ -24,7 +24,6 @@ from modal_llm._fanout import (
     BatchItem,
     BatchResult,
     RateLimiter,
-    fan_out,
 )
 from modal_llm.server import STATS, ServerConfig, create_app, serve, toy_generate
 
@@ -35,7 +34,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class Recorder:
     """An inline endpoint: answers ``{"prompt": upper(prompt)}``; prompts starting with
-    "block" wait for ``release``, "bad" get 400. Records bodies and disconnects."""
+    "block" wait for ``release``, "bad" get 400, "busy" 429. Records bodies and disconnects."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
@@ -50,6 +49,8 @@ class Recorder:
         prompt: str = body["prompt"]
         if prompt.startswith("bad"):
             return web.Response(status=400, text="bad prompt")
+        if prompt.startswith("busy"):
+            return web.Response(status=429, text="busy", headers={"Retry-After": "0"})
         if prompt.startswith("block"):
             self.blocked += 1
             self.changed.set()
@@ -95,7 +96,7 @@ async def test_lazy_input_stays_within_the_window() -> None:
         seen = 0
         most_tasks = 0
         baseline = len(asyncio.all_tasks())
-        async for result in fan_out(client, counting(2000, pulled), window=10):
+        async for result in client.map(counting(2000, pulled), window=10):
             seen += 1
             assert result.ok
             assert pulled[0] <= seen + 10  # never more than `window` ahead of the consumer
@@ -108,7 +109,7 @@ async def test_lazy_input_stays_within_the_window() -> None:
 async def test_break_on_a_million_prompts_pulls_only_the_window() -> None:
     async with serve(ServerConfig()) as url, AsyncClient(url, max_concurrency=8) as client:
         pulled = [0]
-        results = fan_out(client, counting(1_000_000, pulled), window=16)
+        results = client.map(counting(1_000_000, pulled), window=16)
         taken = 0
         async for _ in results:
             taken += 1
@@ -123,7 +124,7 @@ async def test_unordered_yields_as_completed() -> None:
     async with recorder_endpoint() as (url, rec), AsyncClient(url) as client:
         prompts = ["block-head", "a", "b", "c", "d"]
         indices = []
-        async for result in fan_out(client, prompts, concurrency=5):
+        async for result in client.map(prompts, concurrency=5):
             indices.append(result.index)
             if len(indices) == 4:
                 rec.release.set()  # only now may the head finish
@@ -149,10 +150,7 @@ async def test_ordered_holds_results_behind_a_slow_head_within_the_window() -> N
                 rec.release.set()
 
         results = [
-            r
-            async for r in fan_out(
-                client, prompts(), ordered=True, window=4, on_progress=on_progress
-            )
+            r async for r in client.map(prompts(), ordered=True, window=4, on_progress=on_progress)
         ]
         assert [r.index for r in results] == list(range(20))
         assert [r.prompt for r in results[:3]] == ["block-head", "x0", "x1"]
@@ -165,7 +163,7 @@ async def test_async_iterable_input_in_order() -> None:
             yield f"word{i} tail"
 
     async with serve(ServerConfig()) as url, AsyncClient(url, max_concurrency=8) as client:
-        results = [r async for r in fan_out(client, prompts(), ordered=True)]
+        results = [r async for r in client.map(prompts(), ordered=True)]
     assert [r.index for r in results] == list(range(50))
     assert results[7].text == toy_generate("word7 tail")
     assert all(r.attempts == 1 and r.latency >= 0 for r in results)
@@ -179,9 +177,7 @@ async def test_per_item_results_ids_extras_and_errors() -> None:
             {"prompt": "mapped", "id": 42, "max_tokens": 7},
             BatchItem("item", extra={"max_tokens": 9}),
         ]
-        results = {
-            r.index: r async for r in fan_out(client, items, extra={"max_tokens": 3, "top_k": 1})
-        }
+        results = {r.index: r async for r in client.map(items, max_tokens=3, top_k=1)}
     assert [results[i].id for i in range(4)] == [0, "b1", 42, 3]
     assert results[0].ok and results[0].text == "PLAIN" and results[0].error is None
     bad = results[1]
@@ -203,7 +199,7 @@ async def test_per_item_results_ids_extras_and_errors() -> None:
 async def test_retried_item_reports_its_attempts() -> None:
     config = ServerConfig(error_burst=2, error_status=503)
     async with serve(config) as url, AsyncClient(url, retry=NO_WAIT) as client:
-        [result] = [r async for r in fan_out(client, ["once"])]
+        [result] = [r async for r in client.map(["once"])]
     assert result.ok and result.attempts == 3
 
 
@@ -215,29 +211,29 @@ async def test_a_bug_in_the_input_propagates_and_stops_the_workers() -> None:
 
     async with serve(ServerConfig()) as url, AsyncClient(url) as client:
         with pytest.raises(RuntimeError, match="input broke"):
-            async for _ in fan_out(client, prompts(), concurrency=2):
+            async for _ in client.map(prompts(), concurrency=2):
                 pass
         assert worker_tasks() == []
         with pytest.raises(ConfigError, match="item 1 must be a str"):
-            async for _ in fan_out(client, ["ok", 3]):  # type: ignore[list-item]
+            async for _ in client.map(["ok", 3]):  # type: ignore[list-item]
                 pass
         with pytest.raises(ConfigError, match="prompt must be a str"):
-            async for _ in fan_out(client, [{"prompt": None}]):
+            async for _ in client.map([{"prompt": None}]):
                 pass
 
 
 async def test_invalid_arguments_raise_config_error_at_once() -> None:
     async with AsyncClient("http://127.0.0.1:9/") as client:
         with pytest.raises(ConfigError, match="single str"):
-            fan_out(client, "not a list")
+            client.map("not a list")
         with pytest.raises(ConfigError, match="concurrency"):
-            fan_out(client, ["a"], concurrency=0)
+            client.map(["a"], concurrency=0)
         with pytest.raises(ConfigError, match="window"):
-            fan_out(client, ["a"], window=0)
+            client.map(["a"], window=0)
         with pytest.raises(ConfigError, match="'prompt'"):
-            fan_out(client, ["a"], extra={"prompt": "x"})
+            client.map(["a"], prompt="x")
         with pytest.raises(ConfigError, match="rate"):
-            fan_out(client, ["a"], rate_limit=0)
+            client.map(["a"], rate_limit=0)
 
 
 async def test_breaking_out_cancels_requests_in_flight() -> None:
@@ -249,7 +245,7 @@ async def test_breaking_out_cancels_requests_in_flight() -> None:
             yield "fast"
             yield from counting(None, pulled, prefix="block")
 
-        async for result in fan_out(client, prompts(), concurrency=4, window=4):
+        async for result in client.map(prompts(), concurrency=4, window=4):
             # Handing "fast" over freed its window slot: one more item went out.
             await rec.until(lambda: rec.blocked == 4)
             assert result.prompt == "fast"
@@ -270,7 +266,7 @@ async def test_cancelling_the_consumer_cancels_requests_in_flight() -> None:
         got: list[BatchResult] = []
 
         async def consume() -> None:
-            async for result in fan_out(client, counting(None, pulled, "block"), concurrency=3):
+            async for result in client.map(counting(None, pulled, "block"), concurrency=3):
                 got.append(result)
 
         task = asyncio.create_task(consume())
@@ -285,7 +281,7 @@ async def test_cancelling_the_consumer_cancels_requests_in_flight() -> None:
 
 async def test_aclose_cancels_requests_in_flight() -> None:
     async with recorder_endpoint() as (url, rec), AsyncClient(url) as client:
-        results = fan_out(client, ["fast", "block1", "block2"], concurrency=3)
+        results = client.map(["fast", "block1", "block2"], concurrency=3)
         first = await anext(results)
         assert first.text == "FAST"
         await rec.until(lambda: rec.blocked == 2)
@@ -308,8 +304,8 @@ async def test_adaptive_concurrency_backs_off_on_429_then_recovers() -> None:
 
         results = [
             r
-            async for r in fan_out(
-                client, [f"p{i}" for i in range(120)], adaptive=limiter, on_progress=on_progress
+            async for r in client.map(
+                [f"p{i}" for i in range(120)], adaptive=limiter, on_progress=on_progress
             )
         ]
         stats = app[STATS]
@@ -319,13 +315,12 @@ async def test_adaptive_concurrency_backs_off_on_429_then_recovers() -> None:
     assert limiter.decreases == 1 and limiter.lowest == 5
     assert limits[0] < 8  # the consumer saw the lowered limit ...
     assert limits[-1] == 8 and limiter.increases == 3  # ... and its recovery: 5 -> 6 -> 7 -> 8
-    assert client._failure_listeners == []
 
 
 async def test_adaptive_limit_bounds_requests_in_flight() -> None:
     async with recorder_endpoint() as (url, rec), AsyncClient(url, max_concurrency=8) as client:
         limiter = AdaptiveConcurrency(8, initial=2)
-        results = fan_out(client, counting(None, [0], "block"), adaptive=limiter)
+        results = client.map(counting(None, [0], "block"), adaptive=limiter)
         consumer = asyncio.create_task(anext(results))
         await rec.until(lambda: rec.blocked == 2)
         assert limiter.in_flight == 2 and len(worker_tasks()) == 8
@@ -391,48 +386,167 @@ def test_rate_limiter_books_slots_without_polling() -> None:
         RateLimiter(5, burst=0)
 
 
+class CountingLimiter(RateLimiter):
+    """A ``RateLimiter`` that records every booking's wait."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delays: list[float] = []
+
+    def reserve(self) -> float:
+        delay = super().reserve()
+        self.delays.append(delay)
+        return delay
+
+
 async def test_rate_limit_is_shared_by_all_workers() -> None:
-    class Counting(RateLimiter):
-        delays: list[float]
-
-        def reserve(self) -> float:
-            delay = super().reserve()
-            self.delays.append(delay)
-            return delay
-
     frozen = 0.0
-    limiter = Counting(5000, clock=lambda: frozen)  # time stands still: each waits longer
-    limiter.delays = []
-    async with serve(ServerConfig()) as url, AsyncClient(url, max_concurrency=8) as client:
-        results = [
-            r async for r in fan_out(client, [f"p{i}" for i in range(20)], rate_limit=limiter)
-        ]
+    limiter = CountingLimiter(5000, clock=lambda: frozen)  # time stands still: each waits longer
+    app = create_app(ServerConfig())
+    async with serve(app) as url, AsyncClient(url, max_concurrency=8) as client:
+        results = [r async for r in client.map([f"p{i}" for i in range(20)], rate_limit=limiter)]
+        posts = app[STATS].posts
     assert len(results) == 20
-    # One booking per request (plus one per worker that found the input exhausted),
-    # spaced 1/rate apart whichever worker made it.
-    assert 20 <= len(limiter.delays) <= 28
+    # Exactly one booking per request sent, spaced 1/rate apart whichever worker made it.
+    assert len(limiter.delays) == posts == 20
     assert limiter.delays == sorted(limiter.delays)
     assert limiter.delays[:3] == pytest.approx([0.0, 0.0002, 0.0004])
+
+
+async def test_a_shared_rate_budget_is_spent_only_on_requests_sent() -> None:
+    # Issue 12.1: every worker used to book a slot before it knew it had input, so the
+    # workers that found the input exhausted spent the budget the other map needed.
+    class NoWait(CountingLimiter):
+        async def acquire(self) -> None:  # book, but never sleep: the test counts bookings
+            self.reserve()
+
+    limiter = NoWait(20, burst=5)
+    app = create_app(ServerConfig())
+    async with serve(app) as url, AsyncClient(url, max_concurrency=16) as client:
+
+        async def one_map(prefix: str, n: int) -> list[BatchResult]:
+            items = [f"{prefix}{i}" for i in range(n)]
+            return [r async for r in client.map(items, concurrency=16, rate_limit=limiter)]
+
+        a, b = await asyncio.gather(one_map("a", 7), one_map("b", 5))
+        posts = app[STATS].posts
+    assert all(r.ok for r in a + b) and len(a) == 7 and len(b) == 5
+    assert len(limiter.delays) == posts == 12
+
+
+async def test_a_rate_limited_map_ends_with_its_last_result() -> None:
+    # Three items fit in the burst; any fourth booking would wait 1000 s. The map must end
+    # once the three results are out (it used to sleep on slots booked by idle workers).
+    limiter = RateLimiter(0.001, burst=3, clock=lambda: 0.0)
+    async with serve(ServerConfig()) as url, AsyncClient(url) as client:
+
+        async def consume() -> list[BatchResult]:
+            return [r async for r in client.map(["a", "b", "c"], rate_limit=limiter)]
+
+        results = await asyncio.wait_for(consume(), 60)  # a guard against a hang, not a timing
+    assert len(results) == 3 and all(r.ok for r in results)
+    assert worker_tasks() == []
+    assert limiter.reserve() == 1000.0  # only three slots were ever booked
+
+
+@pytest.mark.parametrize("order", ["tail first", "head first"])
+async def test_a_cancelled_rate_wait_gives_its_slot_back(order: str) -> None:
+    limiter = RateLimiter(1, clock=lambda: 0.0)  # a frozen clock: slots at 0, 1, 2, ...
+    assert limiter.reserve() == 0.0
+    head = asyncio.ensure_future(limiter.acquire())  # waits 1 s
+    tail = asyncio.ensure_future(limiter.acquire())  # waits 2 s
+    await asyncio.sleep(0)
+    for waiter in (tail, head) if order == "tail first" else (head, tail):
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    assert limiter.reserve() == 1.0  # both slots are free again
+    middle = asyncio.ensure_future(limiter.acquire())  # waits 2 s
+    last = asyncio.ensure_future(limiter.acquire())  # waits 3 s
+    await asyncio.sleep(0)
+    middle.cancel()  # not the tail: its slot stays booked, the later one is not moved
+    with pytest.raises(asyncio.CancelledError):
+        await middle
+    assert limiter.reserve() == 4.0
+    last.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await last
+
+
+async def test_concurrency_above_the_client_cap_is_refused() -> None:
+    # The one rule (docs/batch.md): the client's max_concurrency caps requests in flight;
+    # asking a map for more is an error naming both numbers, never a silent cap.
+    async with AsyncClient("http://127.0.0.1:9/", max_concurrency=32) as client:
+        with pytest.raises(ConfigError, match=r"concurrency=64 exceeds .*max_concurrency=32"):
+            client.map(["a"], concurrency=64)
+        with pytest.raises(
+            ConfigError, match=r"AdaptiveConcurrency\(maximum=64\) exceeds .*max_concurrency=32"
+        ):
+            client.map(["a"], adaptive=AdaptiveConcurrency(64))
+        with pytest.raises(ConfigError, match=r"concurrency=8 exceeds window=4"):
+            client.map(["a"], concurrency=8, window=4)
+        with pytest.raises(
+            ConfigError, match=r"AdaptiveConcurrency\(maximum=16\) exceeds concurrency=8"
+        ):
+            client.map(["a"], concurrency=8, adaptive=AdaptiveConcurrency(16))
+        with pytest.raises(ConfigError, match="adaptive must be"):
+            client.map(["a"], adaptive=3)  # type: ignore[arg-type]
+        await client.map([], concurrency=32, adaptive=AdaptiveConcurrency(32)).aclose()
+
+
+async def test_concurrency_up_to_the_cap_is_honoured() -> None:
+    async with recorder_endpoint() as (url, rec), AsyncClient(url, max_concurrency=6) as client:
+        results = client.map(counting(None, [0], "block"), concurrency=6)
+        consumer = asyncio.create_task(anext(results))
+        await rec.until(lambda: rec.blocked == 6)
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+        await results.aclose()
+        await rec.until(lambda: rec.disconnects == 6)
+
+
+async def test_adaptive_sees_only_its_own_calls_failures() -> None:
+    # Each call's attempts travel with that call: another map's 429s on the same client
+    # do not cut this map's limit.
+    async with recorder_endpoint() as (url, _), AsyncClient(url, max_retries=0) as client:
+        limiter = AdaptiveConcurrency(4)
+
+        async def busy() -> list[BatchResult]:
+            return [r async for r in client.map([f"busy{i}" for i in range(8)], concurrency=4)]
+
+        async def calm() -> list[BatchResult]:
+            return [r async for r in client.map([f"c{i}" for i in range(8)], adaptive=limiter)]
+
+        rejected, fine = await asyncio.gather(busy(), calm())
+        assert all(isinstance(r.error, StatusError) for r in rejected)
+        assert all(r.error.status_code == 429 for r in rejected if isinstance(r.error, StatusError))
+        assert all(r.ok for r in fine)
+        assert limiter.decreases == 0 and limiter.limit == 4
+        # ... while its own 429s do.
+        own = [r async for r in client.map(["busy-own", "x"], ordered=True, adaptive=limiter)]
+        assert isinstance(own[0].error, StatusError) and own[1].ok
+        assert limiter.decreases == 1
 
 
 async def test_progress_callback_counts() -> None:
     calls: list[tuple[int, int | None, int]] = []
     async with recorder_endpoint() as (url, _), AsyncClient(url) as client:
         prompts = ["a", "bad1", "b", "bad2", "c"]
-        async for _ in fan_out(client, prompts, on_progress=lambda *a: calls.append(a)):
+        async for _ in client.map(prompts, on_progress=lambda *a: calls.append(a)):
             pass
         assert [c[0] for c in calls] == [1, 2, 3, 4, 5]
         assert {c[1] for c in calls} == {5}
         assert calls[-1][2] == 2
         calls.clear()
-        async for _ in fan_out(client, iter(prompts), on_progress=lambda *a: calls.append(a)):
+        async for _ in client.map(iter(prompts), on_progress=lambda *a: calls.append(a)):
             pass
         assert calls[-1] == (5, None, 2)
 
 
 async def test_progress_bar_uses_tqdm(capsys: pytest.CaptureFixture[str]) -> None:
     async with serve(ServerConfig()) as url, AsyncClient(url) as client:
-        async for _ in fan_out(client, ["a", "b", "c"], progress=True):
+        async for _ in client.map(["a", "b", "c"], progress=True):
             pass
     err = capsys.readouterr().err
     assert "3/3" in err and "prompt" in err
@@ -442,7 +556,7 @@ async def test_progress_without_tqdm_says_how_to_install(monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` fail
     async with AsyncClient("http://127.0.0.1:9/") as client:
         with pytest.raises(ConfigError, match=r"modal-llm\[progress\]"):
-            fan_out(client, ["a"], progress=True)
+            client.map(["a"], progress=True)
 
 
 def test_importing_modal_llm_does_not_import_tqdm() -> None:

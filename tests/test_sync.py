@@ -9,28 +9,33 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
+import inspect
 import json
 import subprocess
 import sys
 import textwrap
 import threading
+import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from modal_llm import (
+    AsyncClient,
     Client,
     ClientClosedError,
     Completion,
     ConfigError,
     ModalLLMError,
     StatusError,
+    UseClientDefault,
     _sync,
 )
+from modal_llm._config import TimeoutTypes
 
 WAIT = 10.0
 """Failsafe for waits on events that should come at once; never reached when tests pass."""
@@ -354,43 +359,74 @@ def test_is_a_modal_llm_error_everywhere(client: Client) -> None:
         client.generate_many(["x"])
 
 
-def test_blocking_map_yields_results_in_order() -> None:
-    import asyncio as _asyncio
-    import threading as _threading
+def test_blocking_map_passes_every_option_through(
+    client: Client, endpoint: ThreadedEndpoint
+) -> None:
+    progress: list[tuple[int, int | None, int]] = []
+    results = list(
+        client.map(
+            ["a", "fail:b", {"prompt": "c", "id": "c1", "top_k": 2}],
+            ordered=True,
+            concurrency=2,
+            window=2,
+            on_progress=lambda *args: progress.append(args),
+            stop=[" ::"],
+            headers={"X-Batch": "7"},
+            timeout=30.0,
+            max_tokens=5,
+        )
+    )
+    assert [r.id for r in results] == [0, 1, "c1"]
+    assert [r.text for r in results] == ["a", None, "c"]  # cut at the stop sequence
+    assert isinstance(results[1].error, StatusError) and results[1].error.status_code == 422
+    assert progress[-1] == (3, 3, 1)
+    assert sorted(json.dumps(b, sort_keys=True) for b in endpoint.bodies) == sorted(
+        json.dumps(b, sort_keys=True)
+        for b in (
+            {"prompt": "a", "max_tokens": 5},
+            {"prompt": "fail:b", "max_tokens": 5},
+            {"prompt": "c", "max_tokens": 5, "top_k": 2},
+        )
+    )
+    assert all(h["X-Batch"] == "7" for h in endpoint.headers)
 
-    from aiohttp import web as _web
-    from aiohttp.test_utils import TestServer
 
-    from modal_llm import Client as _Client
+def test_blocking_map_refuses_more_concurrency_than_the_client(endpoint: ThreadedEndpoint) -> None:
+    with Client(endpoint.url, max_concurrency=4) as client:
+        with pytest.raises(ConfigError, match=r"concurrency=8 exceeds .*max_concurrency=4"):
+            client.map(["a"], concurrency=8)
+        assert endpoint.bodies == []
 
-    async def handler(request: _web.Request) -> _web.Response:
-        body = await request.json()
-        return _web.json_response({"prompt": body["prompt"] * 2})
 
-    ready = _threading.Event()
-    state: dict[str, object] = {}
+_ASYNC_ONLY: Final = {"aclose"}
+_SYNC_ONLY: Final = {"close", "closed"}
 
-    def run_server() -> None:
-        loop = _asyncio.new_event_loop()
-        app = _web.Application()
-        app.router.add_post("/", handler)
-        server = TestServer(app, host="127.0.0.1", loop=loop)
-        loop.run_until_complete(server.start_server())
-        state["url"], state["loop"], state["server"] = str(server.make_url("/")), loop, server
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(server.close())
-        loop.close()
 
-    thread = _threading.Thread(target=run_server, daemon=True)
-    thread.start()
-    ready.wait(10)
-    try:
-        with _Client(str(state["url"])) as client:
-            results = list(client.map(["a", "b", "c"], ordered=True))
-        assert [r.text for r in results] == ["aa", "bb", "cc"]
-    finally:
-        loop = state["loop"]
-        assert isinstance(loop, _asyncio.AbstractEventLoop)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+def _public_methods(cls: type) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")}
+
+
+def test_client_and_async_client_methods_take_the_same_parameters() -> None:
+    # Both faces are written out (as httpx and openai do): this keeps them from drifting.
+    assert _public_methods(AsyncClient) - _ASYNC_ONLY == _public_methods(Client) - _SYNC_ONLY
+    compared = 0
+    for name in [*sorted(_public_methods(Client) - _SYNC_ONLY), "__init__"]:
+        sync_attr, async_attr = inspect.getattr_static(Client, name), getattr(AsyncClient, name)
+        if isinstance(sync_attr, property):
+            continue
+        sync_params = inspect.signature(getattr(Client, name)).parameters.values()
+        async_params = inspect.signature(async_attr).parameters.values()
+        assert [(p.name, p.kind, p.default) for p in sync_params] == [
+            (p.name, p.kind, p.default) for p in async_params
+        ], name
+        compared += 1
+    assert compared >= 8  # __init__, from_options, generate, complete, resume, ..., map
+
+
+def test_client_map_is_typed_like_async_client_map() -> None:
+    hints = typing.get_type_hints(Client.map)
+    async_hints = typing.get_type_hints(AsyncClient.map)
+    assert {k: v for k, v in hints.items() if k not in ("items", "return")} == {
+        k: v for k, v in async_hints.items() if k not in ("items", "return")
+    }
+    assert hints["timeout"] == TimeoutTypes | UseClientDefault

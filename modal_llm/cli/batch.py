@@ -12,7 +12,6 @@ from typing import IO, Any, NoReturn
 
 from .._config import DEFAULT_MAX_CONCURRENCY
 from .._exceptions import AuthenticationError, ConfigError, ConnectError, ModalLLMError
-from .._fanout import fan_out
 from .._progress import INSTALL_HINT, Progress
 from .._run import run
 from .batch_io import (
@@ -129,15 +128,14 @@ async def _run_batch(
 ) -> tuple[int, int]:
     ok = failed = 0
     async with make_client(args, max_concurrency=args.concurrency) as client:
-        results = fan_out(
-            client,
+        results = client.map(
             source.items(chunks()),
             ordered=args.ordered,
             concurrency=args.concurrency,
             rate_limit=args.rate,
             adaptive=args.adaptive,
             stop=args.stop,
-            extra=dict(args.param),
+            **dict(args.param),
         )
         async with contextlib.aclosing(results):
             async for result in results:

@@ -11,7 +11,7 @@ from typing import Any, Final
 from .._client import AsyncClient
 from .._config import RetryPolicy
 from .._exceptions import ModalLLMError, StatusError
-from .._fanout import BatchResult, fan_out
+from .._fanout import BatchResult
 from .._progress import INSTALL_HINT, Progress
 from .common import EXIT_OK, positive_int
 
@@ -86,7 +86,7 @@ async def demo(args: argparse.Namespace) -> int:
             results: list[BatchResult] = []
             started = time.perf_counter()
             try:
-                async for result in fan_out(client, prompts, concurrency=args.concurrency):
+                async for result in client.map(prompts, concurrency=args.concurrency):
                     results.append(result)
                     progress.advance(failed=not result.ok)
             finally:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing_extensions import assert_type
 
-from modal_llm import AsyncClient, Completion, ModalLLMError, RetryPolicy, Timeout
+from modal_llm import (
+    USE_CLIENT_DEFAULT,
+    AsyncClient,
+    BatchResult,
+    Completion,
+    ModalLLMError,
+    RateLimiter,
+    RetryPolicy,
+    Timeout,
+    UseClientDefault,
+)
 
 
 async def usage() -> None:
@@ -14,7 +24,6 @@ async def usage() -> None:
         modal_secret="ws",
         headers={"X": "y"},
         max_concurrency=8,
-        max_retries=2,
         timeout=Timeout(30.0, first_byte=600),
         retry=RetryPolicy(max_retries=1),
     ) as client:
@@ -26,6 +35,8 @@ async def usage() -> None:
         )
         async for piece in client.stream("hi", stop=["\n"]):
             assert_type(piece, str)
+        async for result in client.map(["a"], ordered=True, concurrency=8, max_tokens=5):
+            assert_type(result, BatchResult)
 
 
 def sync_usage() -> None:
@@ -37,3 +48,12 @@ def sync_usage() -> None:
         assert_type(client.generate_many(["a"], return_exceptions=True), list[str | ModalLLMError])
         for piece in client.stream("hi"):
             assert_type(piece, str)
+        for result in client.map(["a"], rate_limit=RateLimiter(5), timeout=USE_CLIENT_DEFAULT):
+            assert_type(result, BatchResult)
+
+
+def forward(timeout: float | Timeout | UseClientDefault | None = USE_CLIENT_DEFAULT) -> None:
+    from modal_llm import Client
+
+    with Client("https://me--llm.modal.run") as client:
+        assert_type(client.generate("hi", timeout=timeout), str)
