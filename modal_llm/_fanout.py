@@ -36,6 +36,7 @@ from functools import partial
 from typing import Any, Final, Protocol
 
 from ._exceptions import ConfigError, ModalLLMError, StatusError
+from ._progress import Progress
 
 __all__ = [
     "AdaptiveConcurrency",
@@ -397,15 +398,12 @@ def _attempts_of(error: ModalLLMError) -> int:
     return 0 if isinstance(error, ConfigError) else 1
 
 
-def _progress_bar_class() -> Any:
+def _require_tqdm() -> None:
+    """``progress=True`` without tqdm: raise ``Progress``'s ``ConfigError`` (with the hint) now."""
     try:
-        from tqdm import tqdm
+        import tqdm  # noqa: F401
     except ImportError:
-        raise ConfigError(
-            "progress=True needs tqdm; install it with: pip install 'modal-llm[progress]' "
-            "(or pass on_progress=callback)"
-        ) from None
-    return tqdm
+        Progress(None, fallback=False)  # raises
 
 
 def _positive(name: str, value: object) -> int:
@@ -430,7 +428,7 @@ class FanOutPlan:
     limiter: AdaptiveConcurrency | None
     total: int | None
     on_progress: ProgressCallback | None
-    bar_class: Any
+    progress: bool
 
     @classmethod
     def build(
@@ -493,6 +491,8 @@ class FanOutPlan:
             rate = rate_limit
         else:
             rate = RateLimiter(rate_limit)
+        if progress:
+            _require_tqdm()
         if total is not None and (isinstance(total, bool) or not isinstance(total, int)):
             raise ConfigError(f"total must be an int or None, not {total!r}")
         return cls(
@@ -503,7 +503,7 @@ class FanOutPlan:
             limiter=limiter,
             total=total,
             on_progress=on_progress,
-            bar_class=_progress_bar_class() if progress else None,
+            progress=bool(progress),
         )
 
 
@@ -589,8 +589,8 @@ async def _run(
     bar = None
     tasks = [loop.create_task(worker()) for _ in range(plan.workers)]
     try:
-        if plan.bar_class is not None:
-            bar = plan.bar_class(total=total, unit="prompt", dynamic_ncols=True)
+        if plan.progress:
+            bar = Progress(total, fallback=False)
         running = len(tasks)
         done = failed = 0
         waiting: dict[int, BatchResult] = {}  # ordered: finished, but behind an earlier item
@@ -607,9 +607,7 @@ async def _run(
             if not message.ok:
                 failed += 1
             if bar is not None:
-                if not message.ok:
-                    bar.set_postfix(failed=failed, refresh=False)
-                bar.update(1)
+                bar.advance(failed=not message.ok)
             if plan.on_progress is not None:
                 plan.on_progress(done, total, failed)
             if not plan.ordered:

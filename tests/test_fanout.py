@@ -555,7 +555,7 @@ async def test_progress_bar_uses_tqdm(capsys: pytest.CaptureFixture[str]) -> Non
 async def test_progress_without_tqdm_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` fail
     async with AsyncClient("http://127.0.0.1:9/") as client:
-        with pytest.raises(ConfigError, match=r"modal-llm\[progress\]"):
+        with pytest.raises(ConfigError, match=r"progress=True needs tqdm; install it with: pip"):
             client.map(["a"], progress=True)
 
 
