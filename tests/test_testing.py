@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import threading
@@ -32,6 +33,9 @@ from modal_llm.testing import (
 )
 
 from .conftest import NO_WAIT
+
+ONE_RETRY = dataclasses.replace(NO_WAIT, max_retries=1)
+NO_RETRY = dataclasses.replace(NO_WAIT, max_retries=0)
 
 WAIT = 10.0
 
@@ -114,7 +118,7 @@ async def test_a_429_storm_retries_at_once_and_is_recorded() -> None:
 
 async def test_configure_changes_behaviour_mid_test() -> None:
     async with local_endpoint() as endpoint:
-        async with AsyncClient(endpoint.url, retry=NO_WAIT, max_retries=1) as client:
+        async with AsyncClient(endpoint.url, retry=ONE_RETRY) as client:
             assert await client.generate("one")
             endpoint.configure(rate_limit_every=1)
             with pytest.raises(RateLimitError):
@@ -189,7 +193,7 @@ async def test_the_client_sees_scripted_transport_faults() -> None:
     timeout = Timeout(first_byte=0.1)
     async with (
         local_endpoint(script=["drop", "drop", "hang", "hang"]) as endpoint,
-        AsyncClient(endpoint.url, retry=NO_WAIT, max_retries=1, timeout=timeout) as client,
+        AsyncClient(endpoint.url, retry=ONE_RETRY, timeout=timeout) as client,
     ):
         with pytest.raises(ConnectError):
             await client.generate("x")
@@ -209,7 +213,7 @@ async def test_scripted_streams_end_as_told(fmt: str) -> None:
     ]
     async with (
         local_endpoint(script=script, stream_format=fmt, pieces=3) as endpoint,
-        AsyncClient(endpoint.url, retry=NO_WAIT, max_retries=0) as client,
+        AsyncClient(endpoint.url, retry=NO_RETRY) as client,
     ):
         framed = fmt != "text"  # a text stream's pieces may coalesce on the wire
         pieces = [p async for p in client.stream("x")]
@@ -232,7 +236,7 @@ async def test_a_stream_reply_to_a_plain_post() -> None:
     script = [StreamReply(["a", "b"]), StreamReply(["a"], end="error"), StreamReply([], "drop")]
     async with (
         local_endpoint(script=script) as endpoint,
-        AsyncClient(endpoint.url, retry=NO_WAIT, max_retries=0) as client,
+        AsyncClient(endpoint.url, retry=NO_RETRY) as client,
     ):
         assert await client.generate("x") == "ab"
         with pytest.raises(ServerError):
@@ -277,7 +281,7 @@ def test_threaded_endpoint_serves_blocking_code() -> None:
         assert endpoint.stats.statuses[503] == 1
         endpoint.configure(rate_limit_every=1)
         with (
-            Client(endpoint.url, retry=NO_WAIT, max_retries=0) as client,
+            Client(endpoint.url, retry=NO_RETRY) as client,
             pytest.raises(RateLimitError),
         ):
             client.generate("hi")
@@ -312,7 +316,7 @@ async def test_local_endpoint_leaves_no_task_or_socket() -> None:
     client = None
     async with local_endpoint(script=["hang"]) as endpoint:
         url = endpoint.url
-        client = AsyncClient(endpoint.url, retry=NO_WAIT, max_retries=0)
+        client = AsyncClient(endpoint.url, retry=NO_RETRY)
         hung = asyncio.ensure_future(client.generate("hang"))
         await endpoint.wait_for(lambda s: s.in_flight == 1)
         # The endpoint closes with a request hanging and a client connected.
