@@ -8,9 +8,11 @@ from urllib.parse import urlsplit
 __all__ = ["CREDENTIAL_HEADERS", "credential_headers", "origin", "same_origin"]
 
 CREDENTIAL_HEADERS: Final = frozenset(
-    {"modal-key", "modal-secret", "authorization", "proxy-authorization", "cookie"}
+    {"modal-key", "modal-secret", "authorization", "proxy-authorization", "cookie", "set-cookie"}
 )
-"""Headers stripped from any request to another origin (any redirect status, any hop)."""
+"""The one list of credential headers (lower case): stripped from any request to another
+origin (any redirect status, any hop), masked in ``StatusError.headers``, and their values
+masked wherever a server echoes them back."""
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 

@@ -1,14 +1,16 @@
-"""``AsyncClient``: the one implementation of the wire contract.
+"""``AsyncClient``: the public face of the client, and the one place a logical call runs.
 
-Everything that touches HTTP lives here: the pooled aiohttp session and its lifecycle,
-the concurrency slots, per-phase timeouts, Modal's 303 result-URL chain, retries (through
-``_retry``), streaming (through ``_decoders``) and the translation of aiohttp's errors
-into ours (``_ErrorMap``, the only place that catches aiohttp exceptions).
+It owns the session's lifecycle (one pooled aiohttp session per client, created in the
+first loop that uses it), turns arguments into a ``Call`` and runs it: ``_run_call`` is
+where every logical call (unary, stream, resume) starts and ends. The HTTP work lives in
+``_send`` (one request, error mapping, byte caps), ``_redirects`` (the 303 chain) and
+``_streaming`` (the stream consumer); retries in ``_retry``; observers in ``_hooks``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -17,13 +19,12 @@ import warnings
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypeVar, overload
-from urllib.parse import urljoin
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
 import aiohttp
 from pydantic_core import PydanticSerializationError, to_json
 
-from ._auth import CREDENTIAL_HEADERS, credential_headers, same_origin, strip_credentials
+from ._auth import CREDENTIAL_HEADERS, credential_headers
 from ._batch import gather_bounded
 from ._config import (
     DNS_CACHE_TTL,
@@ -36,24 +37,12 @@ from ._config import (
     coerce_timeout,
     validate_headers,
 )
-from ._decoders import StreamDecoder, decoder_for
 from ._exceptions import (
     ClientClosedError,
     ConfigError,
-    ConnectError,
-    ContractError,
-    EndpointTimeoutError,
     ModalLLMError,
-    RedirectError,
-    ReplyTooLargeError,
-    ResultPendingError,
-    ServerStreamError,
-    StreamError,
-    StreamInterruptedError,
-    TransportError,
-    excerpt,
+    mask_error,
     redact_url,
-    status_error_class,
 )
 from ._fanout import (
     AdaptiveConcurrency,
@@ -66,8 +55,12 @@ from ._fanout import (
     RateLimiter,
     fan_out,
 )
-from ._retry import is_retryable, parse_retry_after, retry_call
+from ._hooks import AttemptHook, CallHooks
+from ._redirects import next_hop
+from ._retry import send_with_retries
+from ._send import Call, Redirect, Reply, Transport, deadline_error
 from ._stop import StopMatcher, normalize_stop
+from ._streaming import StreamState, TextStream, stream_pieces
 from ._types import HeaderTypes, StopTypes
 from ._watch import FirstByteWatch
 
@@ -85,9 +78,6 @@ T = TypeVar("T")
 STREAM_ACCEPT: Final = "text/event-stream, application/x-ndjson, text/plain, application/json"
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 ATTEMPT_HEADER: Final = "X-Modal-LLM-Attempt"
-_FOLLOWED_REDIRECTS: Final = frozenset({301, 302, 303})
-_REFUSED_REDIRECTS: Final = frozenset({307, 308})
-_ERROR_BODY_LIMIT: Final = 64 * 1024
 
 
 def _user_agent() -> str:
@@ -103,133 +93,6 @@ class _State(enum.Enum):
     UNOPENED = 1  # no session yet: it is created inside the first running loop that uses us
     OPENED = 2  # a session exists and belongs to ``_loop``
     CLOSED = 3  # aclose() ran; the client cannot be reopened
-
-
-class _Call:
-    """Per logical call state, worked out once and shared by every attempt and hop."""
-
-    __slots__ = (
-        "aio_timeout",
-        "body",
-        "deadline_at",
-        "first_byte",
-        "headers",
-        "on_attempt",
-        "read_timeout",
-        "result_url",
-    )
-
-    def __init__(
-        self,
-        body: bytes,
-        headers: dict[str, str],
-        aio_timeout: aiohttp.ClientTimeout,
-        read_timeout: float | None,
-        deadline_at: float | None,
-        first_byte: float | None = None,
-    ) -> None:
-        self.first_byte = first_byte
-        self.body = body
-        self.headers = headers
-        self.aio_timeout = aio_timeout
-        self.read_timeout = read_timeout
-        self.deadline_at = deadline_at
-        self.result_url: str | None = None
-        self.on_attempt: AttemptObserver | None = None
-
-
-class _FailedAttempt(NamedTuple):
-    """Stand-in for the send path's ``AttemptEvent`` (#10), which will replace it."""
-
-    error: ModalLLMError
-
-
-class _Reply:
-    """One HTTP exchange's outcome: a 2xx body, or a redirect to follow."""
-
-    __slots__ = ("body", "location", "status", "url")
-
-    def __init__(self, status: int, body: bytes, location: str | None, url: str) -> None:
-        self.status = status
-        self.body = body
-        self.location = location
-        self.url = url
-
-
-class _ErrorMap:
-    """Translate aiohttp and socket errors raised inside ``with`` into ours.
-
-    ``got_headers`` tells a first-byte timeout from a read timeout, and a drop before
-    any response (safe to retry) from a reply cut short.
-    """
-
-    __slots__ = ("client", "got_headers", "url")
-
-    def __init__(self, client: AsyncClient, url: str) -> None:
-        self.client = client
-        self.url = url
-        self.got_headers = False
-
-    def __enter__(self) -> _ErrorMap:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None or isinstance(exc, (ModalLLMError, asyncio.CancelledError)):
-            return
-        if not isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError, RuntimeError)):
-            return
-        raise self.translate(exc) from exc
-
-    def translate(self, exc: BaseException) -> ModalLLMError:
-        url = self.url
-        if self.client._state is _State.CLOSED:
-            return ClientClosedError("the client was closed while this call was running", url=url)
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            return EndpointTimeoutError("timed out connecting", phase="connect", url=url)
-        if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
-            if self.got_headers:
-                return EndpointTimeoutError(
-                    "timed out reading the reply body", phase="read", url=url
-                )
-            return EndpointTimeoutError(
-                "timed out waiting for the first byte of the reply", phase="first_byte", url=url
-            )
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            return ConnectError(f"cannot connect: {exc.os_error or exc}", url=url)
-        if isinstance(exc, aiohttp.InvalidURL):
-            if url != self.client._url:  # a Location the server sent, not the caller's URL
-                return RedirectError("redirect to an invalid URL", url=self.client._url)
-            return ConfigError(f"invalid URL: {exc}", url=url)
-        if isinstance(exc, aiohttp.ClientPayloadError):
-            return ConnectError(
-                f"reply cut short: {_first_line(exc)}", before_response=False, url=url
-            )
-        if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
-            where = "after the reply started" if self.got_headers else "before any reply"
-            return ConnectError(
-                f"connection lost {where}: {_first_line(exc) or type(exc).__name__}",
-                before_response=not self.got_headers,
-                url=url,
-            )
-        if isinstance(exc, aiohttp.ClientResponseError):
-            return ConnectError(
-                f"malformed HTTP reply: {_first_line(exc)}", before_response=False, url=url
-            )
-        if isinstance(exc, RuntimeError) and "closed" in str(exc).lower():
-            return ClientClosedError(f"session closed: {exc}", url=url)
-        if isinstance(exc, RuntimeError):
-            raise exc
-        return TransportError(f"{type(exc).__name__}: {_first_line(exc)}", url=url)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else ""
 
 
 class AsyncClient:
@@ -267,8 +130,8 @@ class AsyncClient:
         self._options = options
         self._url = options.endpoint_url
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._slot: asyncio.Semaphore | None = None
-        self._watch: FirstByteWatch | None = None
+        self._transport: Transport | None = None
+        self._slot: asyncio.Semaphore | None = None  # the transport's, for inspection
         self._aio_timeout = options.timeout.to_aiohttp(streaming=False)
         self._aio_stream_timeout = options.timeout.to_aiohttp(streaming=True)
         self._credentials = credential_headers(options.modal_key, options.modal_secret)
@@ -277,10 +140,9 @@ class AsyncClient:
         base.update(self._credentials)
         self._headers = base
         self._stream_headers = {**base, "Accept": STREAM_ACCEPT}
-        # Our credential values, masked in error bodies in case a server echoes them back.
-        self._secrets = tuple(
-            v.encode() for k, v in base.items() if k.lower() in CREDENTIAL_HEADERS and v
-        )
+        # Our credential values, masked in every error in case a server echoes them back.
+        self._secrets = tuple(v for k, v in base.items() if k.lower() in CREDENTIAL_HEADERS and v)
+        # Compatibility for fan-out until it subscribes per call (``_complete(on_attempt=)``).
         self._failure_listeners: list[Callable[[ModalLLMError], None]] = []
         self._key_prefix = os.urandom(12).hex()
         self._key_counter = itertools.count()
@@ -313,31 +175,46 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool. Idempotent; the client cannot be used afterwards."""
+        """Close the connection pool. Idempotent; the client cannot be used afterwards.
+
+        Streams still open are cut (their next read raises ``StreamInterruptedError``).
+        """
         session, self._session = self._session, None
         self._state = _State.CLOSED
+        if self._transport is not None:
+            self._transport.closed = True
         if session is not None and not session.closed:
             await session.close()
 
     def __del__(self, _warnings: Any = warnings) -> None:
-        # Never do I/O here: the loop may be closed. Just tell the user about the leak.
-        if self._state is _State.OPENED and self._session is not None:
-            _warnings.warn(
-                f"AsyncClient for {redact_url(self._url)} was not closed; "
-                "use 'async with AsyncClient(...)' or 'await client.aclose()'",
-                ResourceWarning,
-                source=self,
-                stacklevel=1,
-            )
+        # Never await here: the loop may be closed. Tell the user about the leak in one
+        # line of our own, and keep aiohttp from adding its "Unclosed client session".
+        session = self._session
+        if self._state is not _State.OPENED or session is None or session.closed:
+            return
+        message = (
+            f"AsyncClient for {redact_url(self._url)} was never closed; use "
+            "'async with AsyncClient(...) as client:' or 'await client.aclose()'"
+        )
+        connector = session.connector
+        session.detach()
+        if connector is not None:
+            with contextlib.suppress(Exception):  # aiohttp's own __del__, minus its warning
+                connector._close()
+        log.warning(message)
+        _warnings.warn(message, ResourceWarning, source=self, stacklevel=1)
 
     def _session_for_loop(self) -> aiohttp.ClientSession:
+        return self._transport_for_loop().session
+
+    def _transport_for_loop(self) -> Transport:
         loop = asyncio.get_running_loop()
-        session = self._session
-        if session is not None and self._loop is loop:
-            return session
+        transport = self._transport
+        if transport is not None and self._loop is loop and not transport.closed:
+            return transport
         if self._state is _State.CLOSED:
             raise ClientClosedError("Cannot use a closed client; create a new one.")
-        if session is not None:
+        if transport is not None:
             raise ClientClosedError(
                 "this AsyncClient belongs to another event loop; create one client per loop "
                 "(or use modal_llm.Client from synchronous code)"
@@ -355,11 +232,11 @@ class AsyncClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )
-        self._slot = asyncio.Semaphore(opts.max_concurrency)
-        self._watch = FirstByteWatch(loop)
+        self._transport = transport = Transport(session, opts, FirstByteWatch(loop))
+        self._slot = transport.slot
         self._loop = loop
         self._state = _State.OPENED
-        return session
+        return transport
 
     # -- public calls ----------------------------------------------------------------------
 
@@ -398,17 +275,22 @@ class AsyncClient:
         self,
         result_url: str,
         *,
+        max_redirects: int | None = None,
         timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
     ) -> Completion:
         """Keep polling a Modal result URL (from ``ResultPendingError.result_url``).
 
-        This never sends the prompt again, so the work is paid for once.
+        This never sends the prompt again, so the work is paid for once. Each ``resume()``
+        has its own budget of ``max_redirects`` further hops (default: the client's
+        ``max_redirects``); when it runs out it raises ``ResultPendingError`` again, with
+        the URL to resume from (see docs/errors.md for the loop).
         """
-        self._session_for_loop()
-        call = self._new_call(b"", self._headers, timeout)
-        reply = _Reply(303, b"", result_url, self._url)
-        reply = await self._follow(reply, call)
-        return self._parse(reply)
+        budget = self._options.max_redirects if max_redirects is None else max_redirects
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ConfigError(f"max_redirects must be an int >= 1, not {max_redirects!r}")
+        call = self._new_call("resume", b"", self._headers, timeout, None)
+        redirect = Redirect(303, result_url, self._url)
+        return await self._run_call(call, partial(self._follow, redirect, call, budget))
 
     @overload
     async def generate_many(
@@ -535,16 +417,36 @@ class AsyncClient:
         headers: HeaderTypes = None,
         timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
-    ) -> AsyncGenerator[str, None]:
-        """Yield the generated text piece by piece as the endpoint sends it.
+    ) -> TextStream:
+        """Stream the generated text piece by piece as the endpoint sends it.
+
+        Usage::
+
+            async with client.stream("Tell me a story") as pieces:
+                async for piece in pieces:
+                    print(piece, end="")
 
         Works with SSE, NDJSON, plain-text and plain-JSON replies. Retried only if it fails
         before the first piece; later failures raise ``StreamError`` with ``partial_text``.
-        Breaking out of the loop, cancelling, or ``aclose()`` closes the HTTP response.
+        Leaving the ``async with`` block closes the response and frees its concurrency
+        slot; without it, close an unfinished stream with ``await pieces.aclose()``. Nothing
+        is sent until the first piece is asked for.
         """
         stops = normalize_stop(stop)
-        call = self._prepare(prompt, headers, timeout, extra, streaming=True)
-        return self._stream(call, stops)
+        call = self._prepare(prompt, headers, timeout, extra, None, streaming=True)
+        state = StreamState()
+        opts = self._options
+        pieces = stream_pieces(
+            self._transport_for_loop,
+            call,
+            stops,
+            state,
+            endpoint_url=self._url,
+            max_redirects=opts.max_redirects,
+            retry=opts.retry,
+            require_done=opts.stream_require_done,
+        )
+        return TextStream(pieces, state, self._url)
 
     # -- one logical call ------------------------------------------------------------------
 
@@ -554,9 +456,10 @@ class AsyncClient:
         headers: HeaderTypes,
         timeout: TimeoutTypes | UseClientDefault,
         extra: dict[str, Any],
+        on_attempt: AttemptHook | None,
         *,
         streaming: bool = False,
-    ) -> _Call:
+    ) -> Call:
         if not isinstance(prompt, str):
             raise ConfigError(f"prompt must be a str, not {type(prompt).__name__}")
         payload: dict[str, Any] = {"prompt": prompt, **extra} if extra else {"prompt": prompt}
@@ -570,16 +473,18 @@ class AsyncClient:
         base = self._stream_headers if streaming else self._headers
         if headers:
             base = {**base, **validate_headers(headers)}
-        return self._new_call(body, base, timeout, streaming=streaming)
+        kind = "stream" if streaming else "unary"
+        return self._new_call(kind, body, base, timeout, on_attempt)
 
     def _new_call(
         self,
+        kind: str,
         body: bytes,
         base_headers: dict[str, str],
         timeout: TimeoutTypes | UseClientDefault,
-        *,
-        streaming: bool = False,
-    ) -> _Call:
+        on_attempt: AttemptHook | None,
+    ) -> Call:
+        streaming = kind == "stream"
         call_headers = dict(base_headers)
         # Unique per logical call: a random per-client prefix and a counter (no syscall).
         call_headers[IDEMPOTENCY_HEADER] = f"{self._key_prefix}{next(self._key_counter):08x}"
@@ -597,9 +502,29 @@ class AsyncClient:
         if streaming:
             if read == parts.first_byte:
                 read = None  # sock_read already holds that value
-            return _Call(body, call_headers, aio_timeout, read, deadline_at)
-        # Unary: the first byte is watched by FirstByteWatch, not by a timer per request.
-        return _Call(body, call_headers, aio_timeout, read, deadline_at, parts.first_byte)
+            first_byte = None  # sock_read bounds the wait for a stream's headers
+        else:
+            # Unary: the first byte is watched by FirstByteWatch, not by a timer per request.
+            first_byte = parts.first_byte
+        call = Call(
+            kind,
+            body,
+            call_headers,
+            aio_timeout,
+            read,
+            deadline_at,
+            parts.pool,
+            self._secrets,
+            first_byte,
+        )
+        if on_attempt is not None or self._failure_listeners:
+            call.hooks = self._call_hooks(on_attempt, streaming)
+        return call
+
+    def _call_hooks(self, on_attempt: AttemptHook | None, streaming: bool) -> CallHooks:
+        attempt = [on_attempt] if on_attempt is not None else []
+        failure = [partial(_tell_listener, listener) for listener in self._failure_listeners]
+        return CallHooks(attempt, failure, stream=streaming)
 
     async def _complete(
         self,
@@ -608,466 +533,62 @@ class AsyncClient:
         timeout: TimeoutTypes | UseClientDefault,
         extra: dict[str, Any],
         *,
-        on_attempt: AttemptObserver | None = None,
+        on_attempt: AttemptHook | None = None,
     ) -> tuple[Completion, int]:
-        """One unary call: the reply and how many attempts its POST took.
+        """One unary call: its ``Completion`` and how many attempts its POST took.
 
-        ``on_attempt`` (per call, for fan-out) sees every failed attempt, before any retry.
+        ``on_attempt`` also sees this call's ``AttemptEvent``s (fan-out, telemetry).
         """
-        if self._session is None or self._loop is not asyncio.get_running_loop():
-            self._session_for_loop()
-        call = self._prepare(prompt, headers, timeout, extra)
-        call.on_attempt = on_attempt
-        if call.deadline_at is None:
-            return await self._post_and_follow(call)
-        remaining = call.deadline_at - asyncio.get_running_loop().time()
+        transport = self._transport
+        if transport is None or self._loop is not asyncio.get_running_loop():
+            transport = self._transport_for_loop()
+        call = self._prepare(prompt, headers, timeout, extra, on_attempt)
+        return await self._run_call(call, partial(self._post_and_follow, transport, call))
+
+    async def _run_call(self, call: Call, run: Callable[[], Awaitable[T]]) -> T:
+        """Where every non-streaming logical call starts and ends (the telemetry seam).
+
+        Applies ``Timeout.deadline`` to the whole call and masks whatever error leaves.
+        """
         try:
-            return await asyncio.wait_for(self._post_and_follow(call), remaining)
-        except asyncio.TimeoutError:
-            raise self._deadline_error(call) from None
+            if call.deadline_at is None:
+                return await run()
+            remaining = call.deadline_at - asyncio.get_running_loop().time()
+            try:
+                return await asyncio.wait_for(run(), remaining)
+            except asyncio.TimeoutError:
+                raise deadline_error(call, self._url) from None
+        except ModalLLMError as exc:
+            mask_error(exc, self._secrets)
+            raise
 
-    def _deadline_error(self, call: _Call) -> ModalLLMError:
-        if call.result_url is not None:
-            return ResultPendingError(
-                "the deadline passed while the result was still being computed",
-                result_url=call.result_url,
-                hops=0,
-                url=self._url,
-            )
-        return EndpointTimeoutError("the call's deadline passed", phase="deadline", url=self._url)
-
-    async def _post_and_follow(self, call: _Call) -> tuple[Completion, int]:
+    async def _post_and_follow(self, transport: Transport, call: Call) -> tuple[Completion, int]:
         """One POST (retried), maybe a 303 chain, one parse: the whole unary call."""
-        reply, attempts = await self._exchange("POST", self._url, call.body, call)
-        if reply.location is not None:
-            reply = await self._follow(reply, call)
+        loop_time = asyncio.get_running_loop().time
+        send = partial(transport.fetch, "POST", self._url, call.body, call)
+        reply, attempts = await send_with_retries(send, call, self._options.retry, loop_time)
+        if isinstance(reply, Redirect):
+            return await self._follow(reply, call, self._options.max_redirects), attempts
         return self._parse(reply), attempts
 
-    def _parse(self, reply: _Reply) -> Completion:
+    async def _follow(self, redirect: Redirect, call: Call, max_redirects: int) -> Completion:
+        """Follow Modal's 303 result-URL chain with GET; never re-send the POST."""
+        transport = self._transport_for_loop()
+        loop_time = asyncio.get_running_loop().time
+        reply: Reply | Redirect = redirect
+        while isinstance(reply, Redirect):
+            target = next_hop(reply, call, self._url, max_redirects)
+            send = partial(transport.fetch, "GET", target, None, call)
+            reply, _ = await send_with_retries(send, call, self._options.retry, loop_time)
+        return self._parse(reply)
+
+    def _parse(self, reply: Reply) -> Completion:
         # Imported here so that ``import modal_llm`` does not pay for pydantic's model
         # machinery; after the first reply this is a dictionary lookup.
         from ._models import parse_reply
 
-        try:
-            return parse_reply(reply.body, status_code=reply.status, url=reply.url)
-        except ContractError as exc:
-            exc.body_excerpt = excerpt(self._mask(reply.body))
-            raise
-
-    def _mask(self, body: bytes) -> bytes:
-        """``body`` with our credential values replaced by ``***`` (an echo must not leak them)."""
-        for secret in self._secrets:
-            body = body.replace(secret, b"***")
-        return body
-
-    async def _follow(self, reply: _Reply, call: _Call) -> _Reply:
-        """Follow Modal's 303 result-URL chain with GET; never re-send the POST."""
-        hops = 0
-        while reply.location is not None:
-            hops += 1
-            target = self._next_hop(reply, call, hops)
-            log.debug("following %d to the result URL (hop %d)", reply.status, hops)
-            reply, _ = await self._exchange("GET", target, None, call)
-        return reply
-
-    def _next_hop(self, reply: _Reply, call: _Call, hops: int) -> str:
-        """Check one redirect and prepare ``call`` for the GET that follows it.
-
-        Modal answers 303 with a result URL after 150 s; GETting it never restarts the
-        work. 307/308 would make us re-send the prompt (and pay twice), so they stop here.
-        """
-        if reply.status in _REFUSED_REDIRECTS:
-            raise RedirectError(
-                f"{reply.status} redirect would re-send the prompt; not followed", url=reply.url
-            )
-        try:
-            target = urljoin(reply.url, reply.location or "")
-            cross_origin = not same_origin(self._url, target)
-        except ValueError:  # a malformed Location: a bad IPv6 literal, a port out of range
-            raise RedirectError("redirect to a malformed URL", url=reply.url) from None
-        if not target.startswith(("http://", "https://")):
-            raise RedirectError(f"redirect to a non-HTTP URL {redact_url(target)}", url=reply.url)
-        call.result_url = target
-        if hops > self._options.max_redirects:
-            raise ResultPendingError(
-                f"result still pending after {hops - 1} result-URL hops",
-                result_url=target,
-                hops=hops - 1,
-                url=self._url,
-            )
-        if cross_origin:
-            # Credentials go only to the endpoint's own origin, on any hop.
-            call.headers = strip_credentials(call.headers)
-        call.headers.pop("Content-Type", None)
-        return target
-
-    async def _exchange(
-        self, method: str, url: str, data: bytes | None, call: _Call
-    ) -> tuple[_Reply, int]:
-        """One HTTP request with retries; returns the reply and the attempts it took."""
-        try:
-            return await self._fetch(method, url, data, call, 1), 1
-        except ModalLLMError as exc:
-            return await self._retry(partial(self._fetch, method, url, data, call), call, exc)
-
-    async def _retry(
-        self,
-        send: Callable[[int], Awaitable[T]],
-        call: _Call,
-        first_error: ModalLLMError,
-    ) -> tuple[T, int]:
-        """Continue a request whose first attempt failed: retry ``send(n)`` or raise.
-
-        The one retry driver for unary requests, 303 polls and stream openings.
-        """
-        self._notify_failure(first_error, call)
-        policy = self._options.retry
-        if policy.max_retries == 0 or not is_retryable(first_error, policy):
-            first_error.attempts = 1
-            raise first_error
-        attempts = 1
-
-        async def attempt(number: int) -> T:
-            nonlocal attempts
-            attempts = number
-            try:
-                return await send(number)
-            except ModalLLMError as exc:
-                self._notify_failure(exc, call)
-                raise
-
-        loop = asyncio.get_running_loop()
-        result = await retry_call(
-            attempt, first_error, policy, deadline_at=call.deadline_at, clock=loop.time
-        )
-        return result, attempts
-
-    def _notify_failure(self, error: ModalLLMError, call: _Call) -> None:
-        """Tell listeners and the call's own observer that one attempt failed, before any retry."""
-        for listener in self._failure_listeners:
-            listener(error)
-        if call.on_attempt is not None:
-            call.on_attempt(_FailedAttempt(error))
-
-    async def _fetch(
-        self, method: str, url: str, data: bytes | None, call: _Call, attempt: int
-    ) -> _Reply:
-        """Send one request under a concurrency slot and read its reply."""
-        session = self._session
-        if session is None:
-            raise ClientClosedError("Cannot use a closed client; create a new one.", url=url)
-        headers = call.headers
-        if attempt != 1:
-            headers = {**headers, ATTEMPT_HEADER: str(attempt)}
-        slot = self._slot
-        assert slot is not None
-        errors = _ErrorMap(self, url)
-        async with slot:
-            # The first-byte clock starts once we hold a slot: queueing is not the endpoint's.
-            first_byte = call.first_byte
-            watch = self._watch
-            assert watch is not None
-            if first_byte is not None:
-                task: Any = asyncio.current_task()
-                bucket = watch.start(first_byte, task)
-            try:
-                with errors:
-                    async with session.request(
-                        method,
-                        url,
-                        data=data,
-                        headers=headers,
-                        allow_redirects=False,
-                        timeout=call.aio_timeout,
-                    ) as resp:
-                        if first_byte is not None:
-                            watch.stop(bucket, task)
-                        errors.got_headers = True
-                        if call.read_timeout is not None:  # error bodies can stall too
-                            _set_read_timeout(resp, call.read_timeout)
-                        status = resp.status
-                        if status < 300:
-                            return _Reply(status, await self._read_body(resp, url), None, url)
-                        if status in _FOLLOWED_REDIRECTS or status in _REFUSED_REDIRECTS:
-                            location = resp.headers.get("Location")
-                            if location:
-                                return _Reply(status, b"", location, url)
-                        raise await self._status_error(resp, url)
-            except asyncio.CancelledError:
-                if first_byte is not None and watch.expired(task):
-                    raise EndpointTimeoutError(
-                        "timed out waiting for the first byte of the reply",
-                        phase="first_byte",
-                        url=url,
-                    ) from None
-                raise
-            finally:
-                if first_byte is not None:
-                    watch.stop(bucket, task)
-
-    async def _read_body(self, resp: aiohttp.ClientResponse, url: str) -> bytes:
-        cap = self._options.max_reply_bytes
-        length = resp.content_length
-        if length is not None:
-            if length > cap:
-                resp.close()
-                raise ReplyTooLargeError(
-                    f"reply of {length} bytes exceeds max_reply_bytes={cap}",
-                    status_code=resp.status,
-                    url=url,
-                )
-            return await resp.read()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in resp.content.iter_any():
-            size += len(chunk)
-            if size > cap:
-                resp.close()
-                raise ReplyTooLargeError(
-                    f"reply exceeds max_reply_bytes={cap}",
-                    status_code=resp.status,
-                    body=b"".join(chunks)[:300],
-                    url=url,
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def _status_error(self, resp: aiohttp.ClientResponse, url: str) -> ModalLLMError:
-        """Read (a bounded part of) an error body and build the matching ``StatusError``."""
-        length = resp.content_length
-        if length is not None and length <= _ERROR_BODY_LIMIT:
-            body = await resp.read()  # fully read, so the connection goes back to the pool
-        else:
-            body = await resp.content.read(_ERROR_BODY_LIMIT)
-            resp.close()
-        headers = resp.headers
-        cls = status_error_class(resp.status)
-        retry_after = parse_retry_after(headers) if resp.status in (429, 503) else None
-        return cls(
-            status_code=resp.status,
-            reason=resp.reason or "",
-            body=self._mask(body),
-            headers=headers,
-            retry_after=retry_after,
-            url=url,
-        )
-
-    # -- streaming -------------------------------------------------------------------------
-
-    async def _stream(self, call: _Call, stops: tuple[str, ...]) -> AsyncGenerator[str, None]:
-        self._session_for_loop()
-        if call.deadline_at is None:
-            opened = await self._open_stream(call)
-        else:
-            remaining = call.deadline_at - asyncio.get_running_loop().time()
-            try:
-                opened = await asyncio.wait_for(self._open_stream(call), remaining)
-            except asyncio.TimeoutError:
-                raise self._deadline_error(call) from None
-        resp, decoder, first, errors = opened
-        deadline_at = call.deadline_at
-        matcher = StopMatcher(stops)
-        sent: list[str] = []
-        received = 0
-        cap = self._options.max_reply_bytes
-        finished = False
-        try:
-            pieces = first
-            while True:
-                for piece in pieces:
-                    text = matcher.feed(piece)
-                    if text:
-                        sent.append(text)
-                        yield text
-                    if matcher.stopped:
-                        return  # closes the connection so the endpoint stops generating
-                error = decoder.error
-                if error is not None:  # found after the pieces above, in the same chunk
-                    error.partial_text = "".join(sent)  # type: ignore[attr-defined]
-                    raise error
-                if decoder.terminated:
-                    break
-                try:
-                    with errors:
-                        if deadline_at is None:
-                            chunk = await resp.content.readany()
-                        else:
-                            chunk = await _read_before(resp, deadline_at)
-                except ModalLLMError as exc:
-                    raise StreamInterruptedError(
-                        f"stream interrupted: {exc.message}",
-                        partial_text="".join(sent),
-                        url=errors.url,
-                    ) from exc
-                if not chunk:
-                    try:
-                        pieces = decoder.finish()
-                    except StreamError as exc:
-                        exc.partial_text = "".join(sent) + exc.partial_text
-                        raise
-                    if decoder.requires_terminator and not decoder.terminated:
-                        for piece in pieces:  # deliver what did arrive before failing
-                            text = matcher.feed(piece)
-                            if text:
-                                sent.append(text)
-                                yield text
-                        raise StreamInterruptedError(
-                            "stream ended without its [DONE] terminator",
-                            partial_text="".join(sent),
-                            url=errors.url,
-                        )
-                    decoder.terminated = True
-                    continue
-                received += len(chunk)
-                if received > cap:
-                    raise ReplyTooLargeError(
-                        f"stream exceeds max_reply_bytes={cap}", url=errors.url
-                    )
-                try:
-                    pieces = decoder.feed(chunk)
-                except StreamError as exc:
-                    # The decoder reports pieces it decoded before the error, in this chunk.
-                    exc.partial_text = "".join(sent) + exc.partial_text
-                    raise
-            tail = matcher.finish()
-            if tail:
-                sent.append(tail)
-                yield tail
-            finished = True
-        finally:
-            if finished:
-                resp.release()
-            else:
-                resp.close()
-            slot = self._slot
-            if slot is not None:
-                slot.release()
-
-    async def _open_stream(
-        self, call: _Call
-    ) -> tuple[aiohttp.ClientResponse, StreamDecoder, list[str], _ErrorMap]:
-        """Open the stream and read up to its first piece, with retries and 303 hops.
-
-        Returns while still holding a concurrency slot; the caller releases it.
-        """
-        url, method = self._url, "POST"
-        data: bytes | None = call.body
-        hops = 0
-        while True:
-            try:
-                opened = await self._open_stream_once(method, url, data, call, 1)
-            except ModalLLMError as exc:
-                send = partial(self._open_stream_once, method, url, data, call)
-                opened, _ = await self._retry(send, call, exc)
-            if isinstance(opened, tuple):
-                return opened
-            # A redirect: follow it as a GET, exactly like the unary path.
-            hops += 1
-            target = self._next_hop(opened, call, hops)
-            url, method, data = target, "GET", None
-
-    async def _open_stream_once(
-        self, method: str, url: str, data: bytes | None, call: _Call, attempt: int
-    ) -> tuple[aiohttp.ClientResponse, StreamDecoder, list[str], _ErrorMap] | _Reply:
-        session = self._session_for_loop()
-        headers = call.headers
-        if attempt != 1:
-            headers = {**headers, ATTEMPT_HEADER: str(attempt)}
-        slot = self._slot
-        assert slot is not None
-        await slot.acquire()
-        errors = _ErrorMap(self, url)
-        resp: aiohttp.ClientResponse | None = None
-        try:
-            with errors:
-                resp = await session.request(
-                    method,
-                    url,
-                    data=data,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=call.aio_timeout,
-                )
-                errors.got_headers = True
-                status = resp.status
-                if status >= 300:
-                    if status in _FOLLOWED_REDIRECTS or status in _REFUSED_REDIRECTS:
-                        location = resp.headers.get("Location")
-                        if location:
-                            resp.release()
-                            slot.release()
-                            return _Reply(status, b"", location, url)
-                    raise await self._status_error(resp, url)
-                if call.read_timeout is not None:
-                    _set_read_timeout(resp, call.read_timeout)
-                decoder = decoder_for(
-                    resp.headers.get("Content-Type"),
-                    require_done=self._options.stream_require_done,
-                    max_buffer=self._options.max_reply_bytes,
-                )
-                received = 0
-                cap = self._options.max_reply_bytes
-                while True:
-                    chunk = await resp.content.readany()
-                    if not chunk:
-                        pieces = decoder.finish()
-                        if decoder.requires_terminator and not decoder.terminated:
-                            raise StreamInterruptedError(
-                                "stream ended without its [DONE] terminator", url=url
-                            )
-                        decoder.terminated = True
-                        return resp, decoder, pieces, errors
-                    received += len(chunk)
-                    if received > cap:
-                        raise ReplyTooLargeError(f"stream exceeds max_reply_bytes={cap}", url=url)
-                    pieces = decoder.feed(chunk)
-                    if pieces or decoder.terminated:
-                        return resp, decoder, pieces, errors
-        except ModalLLMError as exc:
-            if isinstance(exc, ConnectError) and not isinstance(exc, ServerStreamError):
-                # Nothing has reached the caller yet, so a drop here is safe to retry.
-                exc.before_response = True
-            elif isinstance(exc, ContractError) and self._secrets:  # a JSON reply, echoed
-                exc.body_excerpt = self._mask(exc.body_excerpt.encode()).decode()
-            _abandon(resp)
-            slot.release()
-            raise
-        except BaseException:
-            _abandon(resp)
-            slot.release()
-            raise
+        return parse_reply(reply.body, status_code=reply.status, url=reply.url)
 
 
-async def _read_before(resp: aiohttp.ClientResponse, deadline_at: float) -> bytes:
-    """Read the next chunk, or fail once the call's deadline has passed."""
-    remaining = deadline_at - asyncio.get_running_loop().time()
-    if remaining <= 0:
-        raise EndpointTimeoutError("the call's deadline passed", phase="deadline")
-    try:
-        return await asyncio.wait_for(resp.content.readany(), remaining)
-    except asyncio.TimeoutError:
-        raise EndpointTimeoutError("the call's deadline passed", phase="deadline") from None
-
-
-def _abandon(resp: aiohttp.ClientResponse | None) -> None:
-    if resp is not None:
-        resp.close()
-
-
-def _set_read_timeout(resp: aiohttp.ClientResponse, seconds: float) -> None:
-    """Switch the socket from the first-byte timeout to the between-chunks timeout.
-
-    aiohttp has one ``sock_read`` for both; its own websocket code adjusts
-    ``protocol.read_timeout`` the same way once the handshake is done.
-    """
-    if resp.content.is_eof():
-        # The whole body is in (the usual case for a JSON reply); aiohttp dropped the
-        # timer at EOF, and a re-armed one would fire later on an idle pooled socket.
-        return
-    connection = resp.connection
-    if connection is not None and connection.protocol is not None:
-        protocol = connection.protocol
-        protocol.read_timeout = seconds
-        # The running timer still counts the first-byte timeout until the next data
-        # arrives; restart it so the between-chunks timeout applies from now on.
-        protocol.start_timeout()
+def _tell_listener(listener: Callable[[ModalLLMError], None], event: Any) -> None:
+    listener(event.error)

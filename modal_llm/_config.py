@@ -49,6 +49,9 @@ DEFAULT_READ_TIMEOUT: Final = 120.0
 """Longest silence between two body chunks once the reply has started."""
 DEFAULT_DEADLINE: Final = None
 """No overall bound by default: a slow generation on Modal may legitimately take hours."""
+DEFAULT_POOL_TIMEOUT: Final = None
+"""Wait for a concurrency slot as long as it takes: fanning out more calls than
+``max_concurrency`` just queues them."""
 
 DEFAULT_MAX_RETRIES: Final = 3
 """Retries after the first attempt. One more than openai-python's 2: cold starts and 429s
@@ -119,16 +122,21 @@ class Timeout:
         Timeout(30.0)                  # connect, first_byte and read all 30 s
         Timeout(30.0, first_byte=600)  # ... but wait up to 10 min for a cold start
         Timeout(deadline=900)          # the whole call, all attempts and 303 hops, 15 min
+        Timeout(pool=5)                # give up after 5 s without a free concurrency slot
 
     A plain number sets ``connect``, ``first_byte`` and ``read`` (as httpx does). It does not
     set ``deadline``, which bounds the whole logical call including retries, backoff and
     every 303 hop: a per-phase number must not cut a long stream or a slow generation short.
+    Nor does it set ``pool``, the wait for one of the client's ``max_concurrency`` slots
+    before each attempt (``None``, the default, waits as long as it takes; expiry raises
+    ``PoolTimeoutError``). ``deadline`` covers slot waits too.
     """
 
     connect: float | None
     first_byte: float | None
     read: float | None
     deadline: float | None
+    pool: float | None
 
     def __init__(
         self,
@@ -138,6 +146,7 @@ class Timeout:
         first_byte: float | object | None = _UNSET,
         read: float | object | None = _UNSET,
         deadline: float | object | None = _UNSET,
+        pool: float | object | None = _UNSET,
     ) -> None:
         base = _check_seconds("default", default) if default is not _UNSET else _UNSET
         parts = {
@@ -153,6 +162,8 @@ class Timeout:
             object.__setattr__(self, name, value)
         dl = DEFAULT_DEADLINE if deadline is _UNSET else _check_seconds("deadline", deadline)
         object.__setattr__(self, "deadline", dl)
+        pl = DEFAULT_POOL_TIMEOUT if pool is _UNSET else _check_seconds("pool", pool)
+        object.__setattr__(self, "pool", pl)
 
     def replace(self, **changes: float | None) -> Timeout:
         """A copy with some parts changed (``dataclasses.replace`` cannot see our ``__init__``)."""

@@ -23,6 +23,7 @@ from ._exceptions import (
     ModalLLMError,
     ReplyTooLargeError,
     ServerStreamError,
+    StreamInterruptedError,
     excerpt,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "StreamDecoder",
     "TextDecoder",
     "decoder_for",
+    "refused_media_type",
 ]
 
 DEFAULT_MAX_BUFFER = 16 * 1024 * 1024
@@ -246,7 +248,12 @@ class SSEDecoder(_LineDecoder):
         return pieces
 
     def finish(self) -> list[str]:
-        """At EOF: an unterminated last event is dropped (spec), but a last ``[DONE]`` counts."""
+        """At EOF: a last ``[DONE]`` counts even without its line end. Without
+        ``require_done``, a last event whose lines are complete but whose blank line never
+        came is delivered (as openai-node does; the WHATWG parser drops it), and a half line
+        raises ``StreamInterruptedError``. With ``require_done`` nothing more is delivered:
+        the caller reports the missing ``[DONE]``.
+        """
         self._raise_pending()
         if self.terminated:
             return []
@@ -258,7 +265,13 @@ class SSEDecoder(_LineDecoder):
             self._field(last)
         if self._data == ["[DONE]"] and self._event not in ("error", "ping"):
             self.terminated = True
-        return []
+            return []
+        if self.requires_terminator:
+            return []  # the caller reports the missing [DONE]
+        if last:
+            self._error = StreamInterruptedError("stream ended in the middle of a line")
+            raise self._error
+        return self._lines([""])  # the blank line that never came
 
     def _lines(self, lines: list[str]) -> list[str]:
         pieces: list[str] = []
@@ -515,6 +528,22 @@ def _parse_content_type(content_type: str | None) -> tuple[str, str | None]:
     return media.strip().lower(), charset
 
 
+_REFUSED_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+
+
+def refused_media_type(content_type: str | None) -> str | None:
+    """The media type of a 2xx reply that cannot be an answer, or ``None`` if it may be.
+
+    The one content-type rule of both ``generate()`` and ``stream()``: an HTML page (a
+    login wall, a proxy's error page, a web app at the wrong URL) is never the generated
+    text, so it is refused with ``ContractError`` instead of being parsed or yielded.
+    """
+    if not content_type or "htm" not in content_type.lower():
+        return None
+    media = content_type.partition(";")[0].strip().lower()
+    return media if media in _REFUSED_TYPES else None
+
+
 def decoder_for(
     content_type: str | None,
     *,
@@ -526,6 +555,7 @@ def decoder_for(
     ``text/event-stream`` -> SSE (always UTF-8), NDJSON types -> NDJSON, ``application/json``
     and ``+json`` -> one JSON reply, ``text/*`` -> text. A missing or unknown type is read as
     text, honouring its charset: whatever the server sent reaches the caller, never dropped.
+    (HTML never gets here: see ``refused_media_type``.)
     ``require_done`` says whether an SSE stream must end with ``data: [DONE]``.
     """
     media, charset = _parse_content_type(content_type)

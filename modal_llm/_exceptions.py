@@ -5,14 +5,16 @@ The hierarchy::
     ModalLLMError                      .url (query and userinfo removed), .attempts
     ├── ConfigError(ValueError)        bad URL, key without secret, bad option or header
     ├── ClientClosedError(RuntimeError) the client was closed, or used from another loop
+    ├── PoolTimeoutError(TimeoutError)  every concurrency slot stayed held for Timeout.pool
     ├── TransportError                 no usable response arrived
     │   ├── ConnectError               refused, reset, DNS, TLS, dropped before a reply
     │   ├── EndpointTimeoutError(TimeoutError)  .phase: connect|first_byte|read|deadline
     │   └── RedirectError              a redirect we must not or cannot follow
     │       └── ResultPendingError     303 hops ran out; .result_url resumes the poll
-    ├── StatusError                    non-2xx reply: .status_code, .body_excerpt, .headers
+    ├── StatusError                    non-2xx reply: .status_code, .body_excerpt, .headers,
+    │   │                              .retry_after (seconds, or None)
     │   ├── AuthenticationError        401/403 (Modal's "missing credentials" body kept)
-    │   ├── RateLimitError             429: .retry_after (seconds, or None)
+    │   ├── RateLimitError             429
     │   └── ServerError                5xx
     ├── ContractError                  the reply breaks the contract (not JSON, no "prompt")
     │   └── ReplyTooLargeError         the reply exceeded ``max_reply_bytes``
@@ -26,8 +28,11 @@ first_byte), and ``StatusError`` with a status in ``RetryPolicy.retry_statuses``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
+
+from ._auth import CREDENTIAL_HEADERS
 
 __all__ = [
     "AuthenticationError",
@@ -37,6 +42,7 @@ __all__ = [
     "ContractError",
     "EndpointTimeoutError",
     "ModalLLMError",
+    "PoolTimeoutError",
     "RateLimitError",
     "RedirectError",
     "ReplyTooLargeError",
@@ -52,10 +58,6 @@ __all__ = [
 
 BODY_EXCERPT_BYTES = 300
 """How much of an error body an exception keeps and shows."""
-
-_SENSITIVE_HEADERS = frozenset(
-    {"modal-key", "modal-secret", "authorization", "proxy-authorization", "cookie", "set-cookie"}
-)
 
 
 def redact_url(url: object) -> str:
@@ -83,9 +85,99 @@ def redact_url(url: object) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
-def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """Copy ``headers`` with credential values replaced by ``***``."""
-    return {k: ("***" if k.lower() in _SENSITIVE_HEADERS else v) for k, v in headers.items()}
+class Headers(dict[str, str]):
+    """Reply headers as ``StatusError.headers`` holds them: read-only, case-insensitive.
+
+    ``h["retry-after"]`` finds ``Retry-After``. Still a ``dict`` (``json.dumps`` and
+    ``dict(h)`` work, keys keep the server's spelling); a repeated header's values are
+    joined with ``", "`` (RFC 9110 5.3). Changing it raises ``TypeError``.
+    """
+
+    __slots__ = ("_lower",)
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        merged: dict[str, str] = {}
+        lower: dict[str, str] = {}
+        for name, value in items:
+            key = lower.setdefault(name.lower(), name)
+            merged[key] = f"{merged[key]}, {value}" if key in merged else value
+        super().__init__(merged)
+        self._lower = lower
+
+    def _key(self, name: str) -> str:
+        return self._lower.get(name.lower(), name) if isinstance(name, str) else name
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(self._key(name))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(self._key(name))
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return super().get(self._key(name), default)
+
+    def _read_only(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("StatusError.headers is read-only")
+
+    __setitem__ = __delitem__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+    __ior__ = _read_only
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Headers, (list(self.items()),))
+
+    def __repr__(self) -> str:
+        return f"Headers({dict.__repr__(self)})"
+
+
+def redact_headers(headers: Mapping[str, str]) -> Headers:
+    """A read-only, case-insensitive copy of ``headers``, credential values as ``***``."""
+    return Headers((k, "***" if k.lower() in CREDENTIAL_HEADERS else v) for k, v in headers.items())
+
+
+def mask_text(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret replaced by ``***``.
+
+    Also masks a secret as ``excerpt`` shows it (whitespace runs collapsed) and the start of
+    a secret cut off by an excerpt's closing ``…``.
+    """
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+        collapsed = " ".join(secret.split())
+        if collapsed != secret and collapsed and collapsed in text:
+            text = text.replace(collapsed, "***")
+        if text.endswith("…"):
+            head = text[:-1]
+            for size in range(len(collapsed) - 1, min(3, len(collapsed) - 1), -1):
+                if head.endswith(collapsed[:size]):
+                    text = head[:-size] + "***…"
+                    break
+    return text
+
+
+def mask_error(error: BaseException, secrets: tuple[str, ...]) -> None:
+    """Mask ``secrets`` in every text an error carries, its causes' included (in place).
+
+    The one place an error leaving the client is cleaned, whatever path raised it: the
+    message, ``args`` and every string attribute (``body_excerpt``, ``server_message``,
+    ``partial_text``...), so neither ``str()``, ``repr()`` nor an attribute shows them.
+    """
+    if not secrets:
+        return
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ModalLLMError):
+            state = current.__dict__
+            for name, value in state.items():
+                if isinstance(value, str) and value:
+                    state[name] = mask_text(value, secrets)
+            current.args = tuple(
+                mask_text(a, secrets) if isinstance(a, str) else a for a in current.args
+            )
+        current = current.__cause__ or current.__context__
 
 
 def excerpt(body: bytes | str, limit: int = BODY_EXCERPT_BYTES) -> str:
@@ -125,6 +217,17 @@ class ModalLLMError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only constructors cannot be rebuilt from ``args``: restore the state.
+        return (_restore, (type(self), self.args, dict(self.__dict__)))
+
+
+def _restore(cls: type[ModalLLMError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class ConfigError(ModalLLMError, ValueError):
     """An option or argument is invalid; raised before anything is sent."""
@@ -132,6 +235,28 @@ class ConfigError(ModalLLMError, ValueError):
 
 class ClientClosedError(ModalLLMError, RuntimeError):
     """The client was closed, or is being used from an event loop it does not belong to."""
+
+
+class PoolTimeoutError(ModalLLMError, TimeoutError):
+    """No concurrency slot came free within ``Timeout.pool`` seconds.
+
+    ``slots`` is the client's ``max_concurrency`` (all of them were held) and ``timeout``
+    the pool timeout that ran out. Never retried: the endpoint was not asked anything.
+    A stream left open (not closed, not read to its end) holds its slot until closed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        slots: int,
+        timeout: float,
+        url: object = None,
+        attempts: int | None = None,
+    ) -> None:
+        super().__init__(message, url=url, attempts=attempts)
+        self.slots = slots
+        self.timeout = timeout
 
 
 class TransportError(ModalLLMError):
@@ -203,7 +328,10 @@ class ResultPendingError(RedirectError):
 class StatusError(ModalLLMError):
     """The endpoint answered with a non-2xx status.
 
-    ``retry_after`` is the server's Retry-After hint in seconds, when it sent one.
+    ``retry_after`` is the server's ``Retry-After`` (or ``retry-after-ms``) hint in seconds,
+    read on every status, ``None`` when absent or unreadable. ``headers`` is a read-only,
+    case-insensitive mapping (``err.headers["retry-after"]`` finds ``Retry-After``) with
+    credential values shown as ``***``.
     """
 
     def __init__(
@@ -221,7 +349,7 @@ class StatusError(ModalLLMError):
         self.retry_after = retry_after
         self.reason = reason
         self.body_excerpt = excerpt(body)
-        self.headers: dict[str, str] = redact_headers(headers or {})
+        self.headers: Headers = redact_headers(headers or {})
         super().__init__(f"{status_code} {reason}".strip(), url=url, attempts=attempts)
 
     def _detail(self) -> str:

@@ -56,8 +56,16 @@ def _describe(error: ValidationError) -> str:
     return 'reply\'s "prompt" is not a string'
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def parse_reply(body: bytes, *, status_code: int | None = None, url: object = None) -> Completion:
-    """Parse a reply body into a ``Completion``, or raise ``ContractError`` saying why."""
+    """Parse a reply body into a ``Completion``, or raise ``ContractError`` saying why.
+
+    A leading UTF-8 byte-order mark is dropped, as every stream decoder does.
+    """
+    if body[:3] == _UTF8_BOM:
+        body = body[3:]
     try:
         return Completion.model_validate_json(body)
     except ValidationError as exc:

@@ -1,11 +1,14 @@
-"""Retry decisions and backoff. The only module that imports tenacity.
+"""Retry decisions, backoff and the one retry driver. The only module that imports tenacity.
 
 The decisions (``is_retryable``, ``parse_retry_after``) are pure functions over our own
 errors and headers. ``retry_call`` runs the retries with ``tenacity.AsyncRetrying`` and
 hides it: callers see their own exception with ``.attempts`` set, never ``RetryError``.
+``send_with_retries`` is the driver every request of the send path goes through (unary
+requests, 303 polls, stream openings): it masks each attempt's error and emits its
+``AttemptEvent``.
 
-The first attempt runs outside tenacity (see ``AsyncClient``); tenacity is only built once
-something failed, so a request that succeeds costs nothing here.
+The first attempt runs outside tenacity; tenacity is only built once something failed, so
+a request that succeeds costs nothing here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import tenacity as _t
 
@@ -25,9 +28,13 @@ from ._exceptions import (
     EndpointTimeoutError,
     ModalLLMError,
     StatusError,
+    mask_error,
 )
 
-__all__ = ["is_retryable", "parse_retry_after", "retry_call"]
+if TYPE_CHECKING:
+    from ._hooks import CallHooks
+
+__all__ = ["is_retryable", "parse_retry_after", "retry_call", "send_with_retries"]
 
 log = logging.getLogger("modal_llm")
 
@@ -83,7 +90,14 @@ def is_retryable(error: BaseException, policy: RetryPolicy) -> bool:
 
 
 class _wait_backoff(_t.wait.wait_base):
-    """Exponential backoff with additive jitter, capped: see ``RetryPolicy``."""
+    """Exponential backoff with additive jitter, capped: see ``RetryPolicy``.
+
+    Written here rather than ``tenacity.wait_exponential(...) + wait_random(...)``: tenacity
+    9.2 deprecates ``wait_exponential``'s ``initial=`` (in favour of ``multiplier=``) inside
+    our pinned range ``>=9.0,<10``, and pytest runs with ``filterwarnings=error``, so a
+    user's test suite would fail on whichever spelling their tenacity does not like. Our
+    own ten lines behave the same on every 9.x and keep the formula of ``RetryPolicy``.
+    """
 
     def __init__(self, initial: float, maximum: float, jitter: float) -> None:
         self.initial = initial
@@ -141,21 +155,32 @@ async def retry_call(
     *,
     deadline_at: float | None = None,
     clock: Callable[[], float] = time.monotonic,
+    on_retry: Callable[[BaseException, float], None] | None = None,
 ) -> T:
     """Continue a call whose first attempt failed with ``first_error``.
 
     ``attempt(n)`` performs attempt number ``n`` (2, 3, ...). The first attempt's error is
     replayed into tenacity so that attempt numbering, backoff and the stop rule see it. The
-    final error is re-raised with ``.attempts`` set.
+    final error is re-raised with ``.attempts`` set. ``on_retry(error, wait)`` runs once a
+    failed attempt is to be retried, before the sleep of ``wait`` seconds.
     """
     stop: _t.stop.stop_base = _t.stop_after_attempt(policy.max_retries + 1)
     if deadline_at is not None:
         stop = stop | _stop_at_deadline(deadline_at, clock)
+
+    def before_sleep(retry_state: _t.RetryCallState) -> None:
+        _log_retry(retry_state)
+        outcome = retry_state.outcome
+        if on_retry is not None and outcome is not None:
+            error = outcome.exception()
+            if error is not None:
+                on_retry(error, retry_state.upcoming_sleep)
+
     retrying = _t.AsyncRetrying(
         stop=stop,
         wait=_wait_retry_after(_wait_backoff(policy.wait_initial, policy.wait_max, policy.jitter)),
         retry=_t.retry_if_exception(lambda e: is_retryable(e, policy)),
-        before_sleep=_log_retry,
+        before_sleep=before_sleep,
         reraise=True,
     )
     number = 0
@@ -172,3 +197,95 @@ async def retry_call(
     except ModalLLMError as exc:
         exc.attempts = number
         raise
+
+
+class _CallState(Protocol):
+    """What the driver needs of a logical call (``_send.Call``)."""
+
+    deadline_at: float | None
+    hooks: CallHooks | None
+    secrets: tuple[str, ...]
+    sent: int
+
+
+class _HasStatus(Protocol):
+    status: int
+
+
+R = TypeVar("R", bound=_HasStatus)
+
+
+async def send_with_retries(
+    send: Callable[[int], Awaitable[R]],
+    call: _CallState,
+    policy: RetryPolicy,
+    clock: Callable[[], float],
+) -> tuple[R, int]:
+    """Run ``send(n)`` until it succeeds or the policy gives up; return it and its attempts.
+
+    Every attempt's error is masked (``call.secrets``) before anyone sees it, and each
+    outcome is emitted to ``call.hooks`` after the retry decision and before the sleep.
+    The final error is raised with ``.attempts`` set.
+    """
+    hooks = call.hooks
+    started = clock() if hooks is not None else 0.0
+    try:
+        result = await send(1)
+    except ModalLLMError as exc:
+        first_error = exc
+    else:
+        if hooks is not None:
+            hooks.emit(call.sent, result.status, None, elapsed=clock() - started)
+        return result, 1
+    mask_error(first_error, call.secrets)
+    if policy.max_retries == 0 or not is_retryable(first_error, policy):
+        first_error.attempts = 1
+        if hooks is not None:
+            hooks.emit(call.sent, _status(first_error), first_error, elapsed=clock() - started)
+        raise first_error
+    attempts = 1
+
+    def on_retry(error: BaseException, wait: float) -> None:
+        if hooks is not None and isinstance(error, ModalLLMError):
+            hint = getattr(error, "retry_after", None)
+            hooks.emit(
+                call.sent,
+                _status(error),
+                error,
+                elapsed=clock() - started,
+                wait=wait,
+                retry_after=hint is not None and hint == wait,
+            )
+
+    async def attempt(number: int) -> R:
+        nonlocal attempts, started
+        attempts = number
+        started = clock() if hooks is not None else 0.0
+        try:
+            result = await send(number)
+        except ModalLLMError as exc:
+            mask_error(exc, call.secrets)
+            raise
+        if hooks is not None:
+            hooks.emit(call.sent, result.status, None, elapsed=clock() - started)
+        return result
+
+    try:
+        result = await retry_call(
+            attempt,
+            first_error,
+            policy,
+            deadline_at=call.deadline_at,
+            clock=clock,
+            on_retry=on_retry if hooks is not None else None,
+        )
+    except ModalLLMError as exc:
+        if hooks is not None:
+            hooks.emit(call.sent, _status(exc), exc, elapsed=clock() - started)
+        raise
+    return result, attempts
+
+
+def _status(error: BaseException) -> int | None:
+    status: Any = getattr(error, "status_code", None)
+    return status if isinstance(status, int) else None

@@ -130,7 +130,7 @@ async def test_env_fallbacks(make_endpoint: MakeEndpoint, monkeypatch: pytest.Mo
 @pytest.mark.parametrize(
     ("body", "content_type", "reason"),
     [
-        (b"<html>oops</html>", "text/html", "not valid JSON"),
+        (b"<html>oops</html>", "text/html", "HTML page (text/html)"),
         (b'["a"]', "application/json", "not a JSON object"),
         (b'"text"', "application/json", "not a JSON object"),
         (b'{"text": "x"}', "application/json", 'no "prompt"'),
@@ -624,7 +624,7 @@ async def test_unclosed_client_warns_without_secrets(make_endpoint: MakeEndpoint
     assert await c.generate("a") == "x"
     session = c._session
     assert session is not None
-    with pytest.warns(ResourceWarning, match="was not closed") as record:
+    with pytest.warns(ResourceWarning, match="was never closed") as record:
         c.__del__()
     assert all(KEY not in str(w.message) for w in record)
     await c.aclose()

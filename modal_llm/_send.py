@@ -1,0 +1,529 @@
+"""The send path: one HTTP request from concurrency slot to outcome, and every error it ends in.
+
+``Transport.open()`` is the one place that takes a slot (bounded by ``Timeout.pool``), sets
+the attempt header, sends, translates aiohttp's errors (``ErrorMap``, the only code that
+catches them), and decides redirect / status error / body, applying the one content-type
+rule of both paths. A 2xx comes back as an ``Opened`` response that still holds its slot;
+reading a whole reply (``Transport.fetch``) and reading a stream (``_streaming``) are its
+two consumers, and both count the body the same way: decoded bytes and bytes on the wire,
+capped at ``max_reply_bytes`` over the whole body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import aiohttp
+
+from ._decoders import refused_media_type
+from ._exceptions import (
+    ClientClosedError,
+    ConfigError,
+    ConnectError,
+    ContractError,
+    EndpointTimeoutError,
+    ModalLLMError,
+    PoolTimeoutError,
+    RedirectError,
+    ReplyTooLargeError,
+    ResultPendingError,
+    TransportError,
+    status_error_class,
+)
+from ._retry import parse_retry_after
+
+if TYPE_CHECKING:
+    from ._config import ClientOptions
+    from ._watch import FirstByteWatch
+
+__all__ = [
+    "ATTEMPT_HEADER",
+    "Call",
+    "ErrorMap",
+    "Opened",
+    "Redirect",
+    "Reply",
+    "Transport",
+    "deadline_error",
+]
+
+ATTEMPT_HEADER: Final = "X-Modal-LLM-Attempt"
+FOLLOWED_REDIRECTS: Final = frozenset({301, 302, 303})
+REFUSED_REDIRECTS: Final = frozenset({307, 308})
+ERROR_BODY_LIMIT: Final = 64 * 1024
+"""How much of an error body (or a refused HTML page) is read for the error's excerpt."""
+
+
+class Call:
+    """One logical call's state, worked out once and shared by every attempt and hop.
+
+    ``kind`` is ``"unary"``, ``"stream"`` or ``"resume"``; ``hops`` counts the redirects
+    followed; ``sent`` counts the HTTP requests sent (every attempt of every hop);
+    ``secrets`` are the credential values masked in every error the call raises.
+    """
+
+    __slots__ = (
+        "aio_timeout",
+        "body",
+        "deadline_at",
+        "first_byte",
+        "headers",
+        "hooks",
+        "hops",
+        "kind",
+        "pool",
+        "read_timeout",
+        "result_url",
+        "secrets",
+        "sent",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        body: bytes,
+        headers: dict[str, str],
+        aio_timeout: aiohttp.ClientTimeout,
+        read_timeout: float | None,
+        deadline_at: float | None,
+        pool: float | None,
+        secrets: tuple[str, ...],
+        first_byte: float | None = None,
+    ) -> None:
+        self.kind = kind
+        self.secrets = secrets
+        self.body = body
+        self.headers = headers
+        self.aio_timeout = aio_timeout
+        self.read_timeout = read_timeout
+        self.deadline_at = deadline_at
+        self.pool = pool
+        self.first_byte = first_byte
+        self.result_url: str | None = None
+        self.hops = 0
+        self.sent = 0
+        self.hooks: Any = None  # the AttemptEvent hooks of this call (``_hooks``), if any
+
+
+class Reply:
+    """A whole 2xx reply body."""
+
+    __slots__ = ("body", "status", "url")
+
+    location = None
+
+    def __init__(self, status: int, body: bytes, url: str) -> None:
+        self.status = status
+        self.body = body
+        self.url = url
+
+
+class Redirect:
+    """A redirect to follow (or refuse): its status and ``Location``."""
+
+    __slots__ = ("location", "status", "url")
+
+    def __init__(self, status: int, location: str, url: str) -> None:
+        self.status = status
+        self.location = location
+        self.url = url
+
+
+class ErrorMap:
+    """Translate aiohttp and socket errors raised inside ``with`` into ours.
+
+    ``got_headers`` tells a first-byte timeout from a read timeout, and a drop before
+    any response (safe to retry) from a reply cut short.
+    """
+
+    __slots__ = ("got_headers", "transport", "url")
+
+    def __init__(self, transport: Transport, url: str) -> None:
+        self.transport = transport
+        self.url = url
+        self.got_headers = False
+
+    def __enter__(self) -> ErrorMap:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or isinstance(exc, (ModalLLMError, asyncio.CancelledError)):
+            return
+        if not isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError, RuntimeError)):
+            return
+        raise self.translate(exc) from exc
+
+    def translate(self, exc: BaseException) -> ModalLLMError:
+        url = self.url
+        if self.transport.closed:
+            return ClientClosedError("the client was closed while this call was running", url=url)
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return EndpointTimeoutError("timed out connecting", phase="connect", url=url)
+        if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
+            if self.got_headers:
+                return EndpointTimeoutError(
+                    "timed out reading the reply body", phase="read", url=url
+                )
+            return EndpointTimeoutError(
+                "timed out waiting for the first byte of the reply", phase="first_byte", url=url
+            )
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return ConnectError(f"cannot connect: {exc.os_error or exc}", url=url)
+        if isinstance(exc, aiohttp.InvalidURL):
+            if url != self.transport.endpoint_url:  # a Location the server sent
+                return RedirectError("redirect to an invalid URL", url=self.transport.endpoint_url)
+            return ConfigError(f"invalid URL: {exc}", url=url)
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            return ConnectError(
+                f"the connection closed mid-body: {_first_line(exc)}",
+                before_response=False,
+                url=url,
+            )
+        if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
+            where = "after the reply started" if self.got_headers else "before any reply"
+            return ConnectError(
+                f"connection lost {where}: {_first_line(exc) or type(exc).__name__}",
+                before_response=not self.got_headers,
+                url=url,
+            )
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return ConnectError(
+                f"malformed HTTP reply: {_first_line(exc)}", before_response=False, url=url
+            )
+        if isinstance(exc, RuntimeError) and "closed" in str(exc).lower():
+            return ClientClosedError(f"session closed: {exc}", url=url)
+        if isinstance(exc, RuntimeError):
+            raise exc
+        return TransportError(f"{type(exc).__name__}: {_first_line(exc)}", url=url)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+class Opened:
+    """A 2xx response whose body is still to be read, holding a concurrency slot.
+
+    ``chunk()`` reads the body piecewise: decoded bytes (what aiohttp hands over after any
+    ``Content-Encoding``) and bytes on the wire are both counted from the first body byte,
+    and the chunk that takes either past ``cap`` raises ``ReplyTooLargeError`` before it
+    is used. ``release()`` gives back the connection (to the pool only when the body was
+    read to its end) and the slot, exactly once.
+    """
+
+    __slots__ = (
+        "_slot",
+        "cap",
+        "content_type",
+        "encoded",
+        "errors",
+        "received",
+        "resp",
+        "status",
+        "url",
+    )
+
+    def __init__(
+        self,
+        resp: aiohttp.ClientResponse,
+        content_type: str | None,
+        errors: ErrorMap,
+        slot: asyncio.Semaphore,
+        cap: int,
+    ) -> None:
+        self.resp = resp
+        self.errors = errors
+        self._slot: asyncio.Semaphore | None = slot
+        self.cap = cap
+        self.status = resp.status
+        self.url = errors.url
+        self.content_type = content_type
+        encoding = resp.headers.get("Content-Encoding")
+        self.encoded = encoding is not None and encoding.strip().lower() != "identity"
+        self.received = 0
+
+    async def chunk(self, deadline_at: float | None = None) -> bytes:
+        """The next decoded chunk of the body, ``b""`` at its end; errors are ours."""
+        content = self.resp.content
+        with self.errors:
+            if deadline_at is None:
+                data = await content.readany()
+            else:
+                remaining = deadline_at - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise _deadline_passed(self.url)
+                try:
+                    data = await asyncio.wait_for(content.readany(), remaining)
+                except asyncio.TimeoutError:
+                    raise _deadline_passed(self.url) from None
+        self.received += len(data)
+        if self.received > self.cap:
+            raise self.too_large(f"after {self.received} bytes")
+        if self.encoded and getattr(content, "total_raw_bytes", 0) > self.cap:
+            raise self.too_large(f"after {content.total_raw_bytes} bytes on the wire")
+        return data
+
+    async def read_all(self) -> bytes:
+        """The whole body (the unary consumer), within the cap."""
+        resp = self.resp
+        if not self.encoded:
+            length = resp.content_length
+            if length is not None:  # the usual reply: its size is known before reading it
+                if length > self.cap:
+                    raise self.too_large(f"(Content-Length {length})")
+                with self.errors:
+                    body = await resp.read()
+                self.received = len(body)
+                return body
+        chunks: list[bytes] = []
+        while True:
+            data = await self.chunk()
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+    def too_large(self, detail: str) -> ReplyTooLargeError:
+        return ReplyTooLargeError(
+            f"reply exceeds max_reply_bytes={self.cap} {detail}",
+            status_code=self.status,
+            url=self.url,
+        )
+
+    def release(self, *, reuse: bool = False) -> None:
+        """Give back the connection and the slot; ``reuse`` when the body was read whole."""
+        if reuse:
+            self.resp.release()
+        else:
+            self.resp.close()
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()
+
+    @property
+    def holds_slot(self) -> bool:
+        return self._slot is not None
+
+
+def _deadline_passed(url: str) -> EndpointTimeoutError:
+    return EndpointTimeoutError("the call's deadline passed", phase="deadline", url=url)
+
+
+def deadline_error(call: Call, endpoint_url: str) -> ModalLLMError:
+    """What a call raises when ``Timeout.deadline`` passes: ``ResultPendingError`` once a
+    result URL is known (the work goes on; resume it), else a deadline timeout."""
+    if call.result_url is not None:
+        return ResultPendingError(
+            "the deadline passed while the result was still being computed",
+            result_url=call.result_url,
+            hops=call.hops,
+            url=endpoint_url,
+        )
+    return _deadline_passed(endpoint_url)
+
+
+class Transport:
+    """The pooled session of one event loop, its concurrency slots and first-byte watch."""
+
+    __slots__ = (
+        "cap",
+        "closed",
+        "endpoint_url",
+        "max_concurrency",
+        "session",
+        "slot",
+        "watch",
+    )
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        options: ClientOptions,
+        watch: FirstByteWatch,
+    ) -> None:
+        self.session = session
+        self.endpoint_url = options.endpoint_url
+        self.max_concurrency = options.max_concurrency
+        self.slot = asyncio.Semaphore(options.max_concurrency)
+        self.watch = watch
+        self.cap = options.max_reply_bytes
+        self.closed = False
+
+    async def _acquire(self, call: Call, url: str) -> asyncio.Semaphore:
+        """Take a concurrency slot, waiting at most ``call.pool`` seconds."""
+        slot = self.slot
+        if call.pool is None or not slot.locked():
+            await slot.acquire()
+            return slot
+        try:
+            await asyncio.wait_for(slot.acquire(), call.pool)
+        except asyncio.TimeoutError:
+            n = self.max_concurrency
+            raise PoolTimeoutError(
+                f"all {n} concurrency slots stayed held for {call.pool:g} s (Timeout.pool); "
+                "close streams you leave early ('async with client.stream(...)')",
+                slots=n,
+                timeout=call.pool,
+                url=url,
+            ) from None
+        return slot
+
+    async def open(
+        self, method: str, url: str, data: bytes | None, call: Call, attempt: int
+    ) -> Opened | Redirect:
+        """Send one request and decide what came back (the one send path).
+
+        Returns a ``Redirect`` (slot already released), or an ``Opened`` 2xx whose slot the
+        caller releases; raises a ``StatusError`` (body excerpt read, ``Retry-After``
+        parsed), a ``ContractError`` for a refused content type, or a translated transport
+        error, with nothing left held.
+        """
+        session = self.session
+        if self.closed:
+            raise ClientClosedError("Cannot use a closed client; create a new one.", url=url)
+        headers = call.headers
+        if attempt != 1:
+            headers = {**headers, ATTEMPT_HEADER: str(attempt)}
+        call.sent += 1
+        slot = await self._acquire(call, url)
+        errors = ErrorMap(self, url)
+        resp: aiohttp.ClientResponse | None = None
+        # The first-byte clock starts once we hold a slot: queueing is not the endpoint's.
+        first_byte = call.first_byte
+        watch = self.watch
+        if first_byte is not None:
+            task: Any = asyncio.current_task()
+            bucket = watch.start(first_byte, task)
+        try:
+            try:
+                with errors:
+                    resp = await session.request(
+                        method,
+                        url,
+                        data=data,
+                        headers=headers,
+                        allow_redirects=False,
+                        timeout=call.aio_timeout,
+                    )
+            except asyncio.CancelledError:
+                if first_byte is not None and watch.expired(task):
+                    raise EndpointTimeoutError(
+                        "timed out waiting for the first byte of the reply",
+                        phase="first_byte",
+                        url=url,
+                    ) from None
+                raise
+            finally:
+                if first_byte is not None:
+                    watch.stop(bucket, task)
+            errors.got_headers = True
+            if call.read_timeout is not None:  # error bodies can stall too
+                _set_read_timeout(resp, call.read_timeout)
+            status = resp.status
+            if status >= 300:
+                if status in FOLLOWED_REDIRECTS or status in REFUSED_REDIRECTS:
+                    location = resp.headers.get("Location")
+                    if location:
+                        resp.release()
+                        slot.release()
+                        return Redirect(status, location, url)
+                raise await self._status_error(resp, errors)
+            content_type = resp.headers.get("Content-Type")
+            refused = refused_media_type(content_type)
+            if refused is not None:
+                body = await _excerpt_of(resp, errors)
+                raise ContractError(
+                    f"the endpoint answered with an HTML page ({refused}), not the contract's "
+                    "JSON; is the URL the endpoint's?",
+                    status_code=status,
+                    body=body,
+                    url=url,
+                )
+            return Opened(resp, content_type, errors, slot, self.cap)
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            slot.release()
+            raise
+
+    async def fetch(
+        self, method: str, url: str, data: bytes | None, call: Call, attempt: int
+    ) -> Reply | Redirect:
+        """One request whose 2xx body is read whole (the unary consumer of ``open``)."""
+        opened = await self.open(method, url, data, call, attempt)
+        if isinstance(opened, Redirect):
+            return opened
+        try:
+            body = await opened.read_all()
+        except BaseException:
+            opened.release()
+            raise
+        opened.release(reuse=True)
+        return Reply(opened.status, body, url)
+
+    async def _status_error(self, resp: aiohttp.ClientResponse, errors: ErrorMap) -> ModalLLMError:
+        """Read (a bounded part of) an error body and build the matching ``StatusError``."""
+        body = await _excerpt_of(resp, errors)
+        headers = resp.headers
+        cls = status_error_class(resp.status)
+        return cls(
+            status_code=resp.status,
+            reason=resp.reason or "",
+            body=body,
+            headers=headers,
+            retry_after=parse_retry_after(headers),
+            url=errors.url,
+        )
+
+
+async def _excerpt_of(resp: aiohttp.ClientResponse, errors: ErrorMap) -> bytes:
+    """Up to ``ERROR_BODY_LIMIT`` bytes of a body: read until the limit or its end, however
+    many chunks that takes (bounded by the read timeout). Leaves the connection released
+    when the body was read whole, else closed."""
+    length = resp.content_length
+    with errors:
+        if (
+            length is not None
+            and length <= ERROR_BODY_LIMIT
+            and not resp.headers.get("Content-Encoding")
+        ):
+            body = await resp.read()  # fully read, so the connection goes back to the pool
+            resp.release()
+            return body
+        chunks: list[bytes] = []
+        size = 0
+        while size < ERROR_BODY_LIMIT:
+            chunk = await resp.content.readany()
+            if not chunk:
+                resp.release()
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+    resp.close()
+    return b"".join(chunks)[:ERROR_BODY_LIMIT]
+
+
+def _set_read_timeout(resp: aiohttp.ClientResponse, seconds: float) -> None:
+    """Switch the socket from the first-byte timeout to the between-chunks timeout.
+
+    aiohttp has one ``sock_read`` for both; its own websocket code adjusts
+    ``protocol.read_timeout`` the same way once the handshake is done.
+    """
+    if resp.content.is_eof():
+        # The whole body is in (the usual case for a JSON reply); aiohttp dropped the
+        # timer at EOF, and a re-armed one would fire later on an idle pooled socket.
+        return
+    connection = resp.connection
+    if connection is not None and connection.protocol is not None:
+        protocol = connection.protocol
+        protocol.read_timeout = seconds
+        # The running timer still counts the first-byte timeout until the next data
+        # arrives; restart it so the between-chunks timeout applies from now on.
+        protocol.start_timeout()

@@ -1,0 +1,281 @@
+"""Streams: ``TextStream`` (what ``AsyncClient.stream()`` returns), and the stream consumer
+of the send path: open with retries and 303 hops up to the first piece, then decode."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from types import TracebackType
+from typing import Any
+
+from ._decoders import StreamDecoder, decoder_for
+from ._exceptions import (
+    ClientClosedError,
+    ConnectError,
+    ModalLLMError,
+    StreamError,
+    StreamInterruptedError,
+    TransportError,
+    mask_error,
+    redact_url,
+)
+from ._redirects import next_hop
+from ._retry import send_with_retries
+from ._send import Call, Opened, Redirect, Transport, deadline_error
+from ._stop import StopMatcher
+
+__all__ = ["TextStream", "stream_pieces"]
+
+log = logging.getLogger("modal_llm")
+
+
+class StreamState:
+    """Whether a stream holds a response (and a concurrency slot). Shared by ``TextStream``
+    and its generator without a reference cycle, so a dropped stream is freed at once."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = False
+
+
+class TextStream:
+    """The text pieces of one streamed reply: an async iterator and an async context manager.
+
+    Usage::
+
+        async with client.stream("Tell me a story") as pieces:
+            async for piece in pieces:
+                print(piece, end="")
+
+    Leaving the ``async with`` block (normally, by ``break``, an exception or cancellation)
+    closes the HTTP response and frees its concurrency slot at once. Used as a plain async
+    iterator, the stream is closed when it is read to its end, when it raises, or by
+    ``await pieces.aclose()``; a ``break`` alone leaves it open until it is garbage
+    collected, which logs a warning (and emits ``ResourceWarning``).
+    """
+
+    __slots__ = ("_agen", "_state", "_url")
+
+    def __init__(self, agen: AsyncGenerator[str, None], state: StreamState, url: str) -> None:
+        self._agen = agen
+        self._state = state
+        self._url = url
+
+    def __aiter__(self) -> TextStream:
+        return self
+
+    def __anext__(self) -> Coroutine[Any, Any, str]:
+        return self._agen.__anext__()
+
+    def asend(self, value: None) -> Coroutine[Any, Any, str]:
+        """As an async generator's ``asend`` (so a ``TextStream`` is one, to type checkers)."""
+        return self._agen.asend(value)
+
+    def athrow(self, *args: Any) -> Coroutine[Any, Any, str]:
+        """As an async generator's ``athrow``."""
+        return self._agen.athrow(*args)
+
+    async def aclose(self) -> None:
+        """Close the response and free the slot. Idempotent."""
+        await self._agen.aclose()
+
+    async def __aenter__(self) -> TextStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._agen.aclose()
+
+    def __repr__(self) -> str:
+        state = "open" if self._state.open else "not open"
+        return f"<TextStream {redact_url(self._url)} {state}>"
+
+    def __del__(self, _warnings: Any = warnings) -> None:
+        if self._state.open:
+            message = (
+                f"a stream from {redact_url(self._url)} was garbage-collected while still "
+                "open; use 'async with client.stream(...) as pieces:' or "
+                "'await pieces.aclose()' to free its connection and slot"
+            )
+            log.warning(message)
+            _warnings.warn(message, ResourceWarning, source=self, stacklevel=1)
+
+
+class Opening:
+    """A stream opened up to its first piece(s)."""
+
+    __slots__ = ("decoder", "opened", "pieces", "status")
+
+    def __init__(self, opened: Opened, decoder: StreamDecoder, pieces: list[str]) -> None:
+        self.opened = opened
+        self.decoder = decoder
+        self.pieces = pieces
+        self.status = opened.status
+
+
+async def _open_once(
+    transport: Transport,
+    method: str,
+    url: str,
+    data: bytes | None,
+    call: Call,
+    require_done: bool,
+    attempt: int,
+) -> Opening | Redirect:
+    """One attempt: send, then read up to the first piece (a drop before it is retryable)."""
+    opened = await transport.open(method, url, data, call, attempt)
+    if isinstance(opened, Redirect):
+        return opened
+    try:
+        decoder = decoder_for(opened.content_type, require_done=require_done, max_buffer=opened.cap)
+        while True:
+            chunk = await opened.chunk()
+            if not chunk:
+                pieces = decoder.finish()
+                if decoder.requires_terminator and not decoder.terminated:
+                    raise StreamInterruptedError(
+                        "stream ended without its [DONE] terminator", url=url
+                    )
+                decoder.terminated = True
+                return Opening(opened, decoder, pieces)
+            pieces = decoder.feed(chunk)
+            if pieces or decoder.terminated:
+                return Opening(opened, decoder, pieces)
+    except ModalLLMError as exc:
+        if isinstance(exc, ConnectError):
+            # Nothing has reached the caller yet, so a drop here is safe to retry.
+            exc.before_response = True
+        opened.release()
+        raise
+    except BaseException:
+        opened.release()
+        raise
+
+
+async def _open(
+    transport: Transport,
+    call: Call,
+    endpoint_url: str,
+    max_redirects: int,
+    retry: Any,
+    require_done: bool,
+) -> Opening:
+    """Open the stream up to its first piece, with retries and 303 hops (GET, as unary)."""
+    url, method = endpoint_url, "POST"
+    data: bytes | None = call.body
+    clock = asyncio.get_running_loop().time
+    while True:
+
+        def attempt(n: int, method: str = method, url: str = url, data: Any = data) -> Any:
+            return _open_once(transport, method, url, data, call, require_done, n)
+
+        outcome, _ = await send_with_retries(attempt, call, retry, clock)
+        if not isinstance(outcome, Redirect):
+            return outcome  # type: ignore[no-any-return]
+        url = next_hop(outcome, call, endpoint_url, max_redirects)
+        method, data = "GET", None
+
+
+async def stream_pieces(
+    transport_for_loop: Callable[[], Transport],
+    call: Call,
+    stops: tuple[str, ...],
+    state: StreamState,
+    *,
+    endpoint_url: str,
+    max_redirects: int,
+    retry: Any,
+    require_done: bool,
+) -> AsyncGenerator[str, None]:
+    """The stream consumer: every piece of one streamed reply, stop sequences applied.
+
+    Errors leave here masked; once a piece has reached the caller nothing is retried and a
+    failure carries ``partial_text``. The byte cap runs over the whole body (the opening
+    included), since the one ``Opened`` counts it.
+    """
+    sent: list[str] = []
+    opened: Opened | None = None
+    finished = False
+    try:
+        transport = transport_for_loop()
+        opening = _open(transport, call, endpoint_url, max_redirects, retry, require_done)
+        if call.deadline_at is None:
+            first = await opening
+        else:
+            remaining = call.deadline_at - asyncio.get_running_loop().time()
+            try:
+                first = await asyncio.wait_for(opening, remaining)
+            except asyncio.TimeoutError:
+                raise deadline_error(call, endpoint_url) from None
+        opened = response = first.opened
+        decoder, pieces = first.decoder, first.pieces
+        state.open = True
+        deadline_at = call.deadline_at
+        matcher = StopMatcher(stops)
+        while True:
+            for piece in pieces:
+                text = matcher.feed(piece)
+                if text:
+                    sent.append(text)
+                    yield text
+                if matcher.stopped:
+                    return  # closes the connection so the endpoint stops generating
+            error = decoder.error
+            if error is not None:  # found after the pieces above, in the same chunk
+                error.partial_text = "".join(sent)  # type: ignore[attr-defined]
+                raise error
+            if decoder.terminated:
+                break
+            try:
+                chunk = await response.chunk(deadline_at)
+            except (TransportError, ClientClosedError) as exc:
+                raise StreamInterruptedError(
+                    f"stream interrupted after {len(sent)} pieces and {response.received} "
+                    f"bytes: {exc.message}",
+                    partial_text="".join(sent),
+                    url=response.url,
+                ) from exc
+            if not chunk:
+                try:
+                    pieces = decoder.finish()
+                except StreamError as exc:
+                    exc.partial_text = "".join(sent) + exc.partial_text
+                    raise
+                if decoder.requires_terminator and not decoder.terminated:
+                    for piece in pieces:  # deliver what did arrive before failing
+                        text = matcher.feed(piece)
+                        if text:
+                            sent.append(text)
+                            yield text
+                    raise StreamInterruptedError(
+                        "stream ended without its [DONE] terminator",
+                        partial_text="".join(sent),
+                        url=response.url,
+                    )
+                decoder.terminated = True
+                continue
+            try:
+                pieces = decoder.feed(chunk)
+            except StreamError as exc:
+                # The decoder reports pieces it decoded before the error, in this chunk.
+                exc.partial_text = "".join(sent) + exc.partial_text
+                raise
+        tail = matcher.finish()
+        if tail:
+            sent.append(tail)
+            yield tail
+        finished = True
+    except ModalLLMError as exc:
+        mask_error(exc, call.secrets)
+        raise
+    finally:
+        state.open = False
+        if opened is not None:
+            opened.release(reuse=finished)
