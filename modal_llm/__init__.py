@@ -34,6 +34,7 @@ from ._exceptions import (
     ContractError,
     EndpointTimeoutError,
     ModalLLMError,
+    PoolTimeoutError,
     RateLimitError,
     RedirectError,
     ReplyTooLargeError,
@@ -47,6 +48,7 @@ from ._exceptions import (
 )
 from ._fanout import AdaptiveConcurrency, BatchItem, BatchResult, RateLimiter
 from ._run import run
+from ._streaming import TextStream
 from ._sync import Client
 
 __all__ = [
@@ -71,6 +73,7 @@ __all__ = [
     "ContractError",
     "EndpointTimeoutError",
     "ModalLLMError",
+    "PoolTimeoutError",
     "RateLimitError",
     "RateLimiter",
     "RedirectError",
@@ -82,6 +85,7 @@ __all__ = [
     "StatusError",
     "StreamError",
     "StreamInterruptedError",
+    "TextStream",
     "Timeout",
     "TransportError",
     "UseClientDefault",

@@ -12,20 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import itertools
 import logging
-import os
 import warnings
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import aiohttp
-from pydantic_core import PydanticSerializationError, to_json
 
-from ._auth import CREDENTIAL_HEADERS, credential_headers
 from ._batch import gather_bounded
+from ._call import Call, CallFactory, Redirect, Reply, deadline_error
 from ._config import (
     DNS_CACHE_TTL,
     KEEPALIVE_TIMEOUT,
@@ -34,8 +31,6 @@ from ._config import (
     ClientSettings,
     TimeoutTypes,
     UseClientDefault,
-    coerce_timeout,
-    validate_headers,
 )
 from ._exceptions import (
     ClientClosedError,
@@ -55,10 +50,10 @@ from ._fanout import (
     RateLimiter,
     fan_out,
 )
-from ._hooks import AttemptHook, CallHooks
+from ._hooks import AttemptHook
 from ._redirects import next_hop
 from ._retry import send_with_retries
-from ._send import Call, Redirect, Reply, Transport, deadline_error
+from ._send import Transport
 from ._stop import StopMatcher, normalize_stop
 from ._streaming import StreamState, TextStream, stream_pieces
 from ._types import HeaderTypes, StopTypes
@@ -74,19 +69,6 @@ __all__ = ["AsyncClient"]
 log = logging.getLogger("modal_llm")
 
 T = TypeVar("T")
-
-STREAM_ACCEPT: Final = "text/event-stream, application/x-ndjson, text/plain, application/json"
-IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
-ATTEMPT_HEADER: Final = "X-Modal-LLM-Attempt"
-
-
-def _user_agent() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"modal-llm/{version('modal-llm')}"
-    except PackageNotFoundError:  # running from a source tree
-        return "modal-llm"
 
 
 class _State(enum.Enum):
@@ -132,20 +114,12 @@ class AsyncClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: Transport | None = None
         self._slot: asyncio.Semaphore | None = None  # the transport's, for inspection
-        self._aio_timeout = options.timeout.to_aiohttp(streaming=False)
-        self._aio_stream_timeout = options.timeout.to_aiohttp(streaming=True)
-        self._credentials = credential_headers(options.modal_key, options.modal_secret)
-        base = {"Content-Type": "application/json", "User-Agent": _user_agent()}
-        base.update(options.headers)
-        base.update(self._credentials)
-        self._headers = base
-        self._stream_headers = {**base, "Accept": STREAM_ACCEPT}
-        # Our credential values, masked in every error in case a server echoes them back.
-        self._secrets = tuple(v for k, v in base.items() if k.lower() in CREDENTIAL_HEADERS and v)
+        self._calls = CallFactory(options)
+        self._secrets = self._calls.secrets
         # Compatibility for fan-out until it subscribes per call (``_complete(on_attempt=)``).
-        self._failure_listeners: list[Callable[[ModalLLMError], None]] = []
-        self._key_prefix = os.urandom(12).hex()
-        self._key_counter = itertools.count()
+        self._failure_listeners: list[Callable[[ModalLLMError], None]] = (
+            self._calls.failure_listeners
+        )
         self._state = _State.UNOPENED
 
     @property
@@ -228,7 +202,7 @@ class AsyncClient:
         )
         self._session = session = aiohttp.ClientSession(
             connector=connector,
-            timeout=self._aio_timeout,
+            timeout=self._calls.aio_timeout,
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )
@@ -288,7 +262,7 @@ class AsyncClient:
         budget = self._options.max_redirects if max_redirects is None else max_redirects
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ConfigError(f"max_redirects must be an int >= 1, not {max_redirects!r}")
-        call = self._new_call("resume", b"", self._headers, timeout, None)
+        call = self._calls.resume(timeout)
         redirect = Redirect(303, result_url, self._url)
         return await self._run_call(call, partial(self._follow, redirect, call, budget))
 
@@ -433,7 +407,7 @@ class AsyncClient:
         is sent until the first piece is asked for.
         """
         stops = normalize_stop(stop)
-        call = self._prepare(prompt, headers, timeout, extra, None, streaming=True)
+        call = self._calls.request(prompt, headers, timeout, extra, None, streaming=True)
         state = StreamState()
         opts = self._options
         pieces = stream_pieces(
@@ -449,82 +423,6 @@ class AsyncClient:
         return TextStream(pieces, state, self._url)
 
     # -- one logical call ------------------------------------------------------------------
-
-    def _prepare(
-        self,
-        prompt: str,
-        headers: HeaderTypes,
-        timeout: TimeoutTypes | UseClientDefault,
-        extra: dict[str, Any],
-        on_attempt: AttemptHook | None,
-        *,
-        streaming: bool = False,
-    ) -> Call:
-        if not isinstance(prompt, str):
-            raise ConfigError(f"prompt must be a str, not {type(prompt).__name__}")
-        payload: dict[str, Any] = {"prompt": prompt, **extra} if extra else {"prompt": prompt}
-        flag = self._options.stream_flag
-        if streaming and flag is not None:
-            payload[flag] = True
-        try:
-            body = to_json(payload)
-        except PydanticSerializationError as exc:
-            raise ConfigError(f"model arguments are not JSON-serializable: {exc}") from None
-        base = self._stream_headers if streaming else self._headers
-        if headers:
-            base = {**base, **validate_headers(headers)}
-        kind = "stream" if streaming else "unary"
-        return self._new_call(kind, body, base, timeout, on_attempt)
-
-    def _new_call(
-        self,
-        kind: str,
-        body: bytes,
-        base_headers: dict[str, str],
-        timeout: TimeoutTypes | UseClientDefault,
-        on_attempt: AttemptHook | None,
-    ) -> Call:
-        streaming = kind == "stream"
-        call_headers = dict(base_headers)
-        # Unique per logical call: a random per-client prefix and a counter (no syscall).
-        call_headers[IDEMPOTENCY_HEADER] = f"{self._key_prefix}{next(self._key_counter):08x}"
-        call_headers[ATTEMPT_HEADER] = "1"
-        if isinstance(timeout, UseClientDefault):
-            parts = self._options.timeout
-            aio_timeout = self._aio_stream_timeout if streaming else self._aio_timeout
-        else:
-            parts = coerce_timeout(timeout)
-            aio_timeout = parts.to_aiohttp(streaming=streaming)
-        deadline_at = None
-        if parts.deadline is not None:
-            deadline_at = asyncio.get_running_loop().time() + parts.deadline
-        read = parts.read
-        if streaming:
-            if read == parts.first_byte:
-                read = None  # sock_read already holds that value
-            first_byte = None  # sock_read bounds the wait for a stream's headers
-        else:
-            # Unary: the first byte is watched by FirstByteWatch, not by a timer per request.
-            first_byte = parts.first_byte
-        call = Call(
-            kind,
-            body,
-            call_headers,
-            aio_timeout,
-            read,
-            deadline_at,
-            parts.pool,
-            self._secrets,
-            first_byte,
-        )
-        if on_attempt is not None or self._failure_listeners:
-            call.hooks = self._call_hooks(on_attempt, streaming)
-        return call
-
-    def _call_hooks(self, on_attempt: AttemptHook | None, streaming: bool) -> CallHooks:
-        attempt = [on_attempt] if on_attempt is not None else []
-        failure = [partial(_tell_listener, listener) for listener in self._failure_listeners]
-        return CallHooks(attempt, failure, stream=streaming)
 
     async def _complete(
         self,
@@ -542,7 +440,7 @@ class AsyncClient:
         transport = self._transport
         if transport is None or self._loop is not asyncio.get_running_loop():
             transport = self._transport_for_loop()
-        call = self._prepare(prompt, headers, timeout, extra, on_attempt)
+        call = self._calls.request(prompt, headers, timeout, extra, on_attempt)
         return await self._run_call(call, partial(self._post_and_follow, transport, call))
 
     async def _run_call(self, call: Call, run: Callable[[], Awaitable[T]]) -> T:
@@ -588,7 +486,3 @@ class AsyncClient:
         from ._models import parse_reply
 
         return parse_reply(reply.body, status_code=reply.status, url=reply.url)
-
-
-def _tell_listener(listener: Callable[[ModalLLMError], None], event: Any) -> None:
-    listener(event.error)

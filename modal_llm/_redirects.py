@@ -12,7 +12,7 @@ from ._exceptions import RedirectError, ResultPendingError, redact_url
 from ._send import REFUSED_REDIRECTS
 
 if TYPE_CHECKING:
-    from ._send import Call, Redirect
+    from ._call import Call, Redirect
 
 __all__ = ["next_hop"]
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 
+from ._call import ATTEMPT_HEADER, Call, Redirect, Reply
 from ._decoders import refused_media_type
 from ._exceptions import (
     ClientClosedError,
@@ -28,7 +29,6 @@ from ._exceptions import (
     PoolTimeoutError,
     RedirectError,
     ReplyTooLargeError,
-    ResultPendingError,
     TransportError,
     status_error_class,
 )
@@ -38,97 +38,12 @@ if TYPE_CHECKING:
     from ._config import ClientOptions
     from ._watch import FirstByteWatch
 
-__all__ = [
-    "ATTEMPT_HEADER",
-    "Call",
-    "ErrorMap",
-    "Opened",
-    "Redirect",
-    "Reply",
-    "Transport",
-    "deadline_error",
-]
+__all__ = ["ERROR_BODY_LIMIT", "ErrorMap", "Opened", "Transport"]
 
-ATTEMPT_HEADER: Final = "X-Modal-LLM-Attempt"
 FOLLOWED_REDIRECTS: Final = frozenset({301, 302, 303})
 REFUSED_REDIRECTS: Final = frozenset({307, 308})
 ERROR_BODY_LIMIT: Final = 64 * 1024
 """How much of an error body (or a refused HTML page) is read for the error's excerpt."""
-
-
-class Call:
-    """One logical call's state, worked out once and shared by every attempt and hop.
-
-    ``kind`` is ``"unary"``, ``"stream"`` or ``"resume"``; ``hops`` counts the redirects
-    followed; ``sent`` counts the HTTP requests sent (every attempt of every hop);
-    ``secrets`` are the credential values masked in every error the call raises.
-    """
-
-    __slots__ = (
-        "aio_timeout",
-        "body",
-        "deadline_at",
-        "first_byte",
-        "headers",
-        "hooks",
-        "hops",
-        "kind",
-        "pool",
-        "read_timeout",
-        "result_url",
-        "secrets",
-        "sent",
-    )
-
-    def __init__(
-        self,
-        kind: str,
-        body: bytes,
-        headers: dict[str, str],
-        aio_timeout: aiohttp.ClientTimeout,
-        read_timeout: float | None,
-        deadline_at: float | None,
-        pool: float | None,
-        secrets: tuple[str, ...],
-        first_byte: float | None = None,
-    ) -> None:
-        self.kind = kind
-        self.secrets = secrets
-        self.body = body
-        self.headers = headers
-        self.aio_timeout = aio_timeout
-        self.read_timeout = read_timeout
-        self.deadline_at = deadline_at
-        self.pool = pool
-        self.first_byte = first_byte
-        self.result_url: str | None = None
-        self.hops = 0
-        self.sent = 0
-        self.hooks: Any = None  # the AttemptEvent hooks of this call (``_hooks``), if any
-
-
-class Reply:
-    """A whole 2xx reply body."""
-
-    __slots__ = ("body", "status", "url")
-
-    location = None
-
-    def __init__(self, status: int, body: bytes, url: str) -> None:
-        self.status = status
-        self.body = body
-        self.url = url
-
-
-class Redirect:
-    """A redirect to follow (or refuse): its status and ``Location``."""
-
-    __slots__ = ("location", "status", "url")
-
-    def __init__(self, status: int, location: str, url: str) -> None:
-        self.status = status
-        self.location = location
-        self.url = url
 
 
 class ErrorMap:
@@ -314,19 +229,6 @@ class Opened:
 
 def _deadline_passed(url: str) -> EndpointTimeoutError:
     return EndpointTimeoutError("the call's deadline passed", phase="deadline", url=url)
-
-
-def deadline_error(call: Call, endpoint_url: str) -> ModalLLMError:
-    """What a call raises when ``Timeout.deadline`` passes: ``ResultPendingError`` once a
-    result URL is known (the work goes on; resume it), else a deadline timeout."""
-    if call.result_url is not None:
-        return ResultPendingError(
-            "the deadline passed while the result was still being computed",
-            result_url=call.result_url,
-            hops=call.hops,
-            url=endpoint_url,
-        )
-    return _deadline_passed(endpoint_url)
 
 
 class Transport:

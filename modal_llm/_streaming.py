@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, Callable, Coroutine
 from types import TracebackType
 from typing import Any
 
+from ._call import Call, Redirect, deadline_error
 from ._decoders import StreamDecoder, decoder_for
 from ._exceptions import (
     ClientClosedError,
@@ -23,7 +24,7 @@ from ._exceptions import (
 )
 from ._redirects import next_hop
 from ._retry import send_with_retries
-from ._send import Call, Opened, Redirect, Transport, deadline_error
+from ._send import Opened, Transport
 from ._stop import StopMatcher
 
 __all__ = ["TextStream", "stream_pieces"]

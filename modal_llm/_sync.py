@@ -298,10 +298,17 @@ class Client:
         )
 
     def resume(
-        self, result_url: str, *, timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT
+        self,
+        result_url: str,
+        *,
+        max_redirects: int | None = None,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
     ) -> Completion:
-        """Keep polling a Modal result URL (from ``ResultPendingError.result_url``)."""
-        return self._live_portal().call(self._aclient.resume, result_url, timeout=timeout)
+        """Keep polling a Modal result URL (from ``ResultPendingError.result_url``), with a
+        hop budget of its own (``max_redirects``, default the client's)."""
+        return self._live_portal().call(
+            self._aclient.resume, result_url, max_redirects=max_redirects, timeout=timeout
+        )
 
     @overload
     def generate_many(

@@ -468,6 +468,22 @@ async def test_hops_run_out_then_resume(make_endpoint: MakeEndpoint) -> None:
     assert rec.posts == 1 and len(work) == 1
 
 
+async def test_resume_has_its_own_hop_budget(make_endpoint: MakeEndpoint) -> None:
+    rec, work = Recorder(), []
+    url = await make_endpoint(result_chain(12, rec, work), path="/gen")
+    async with AsyncClient(url, max_redirects=2) as c:
+        with pytest.raises(ResultPendingError) as info:
+            await c.generate("long job")
+        with pytest.raises(ResultPendingError) as again:  # the client's budget: 2 more hops
+            await c.resume(info.value.result_url)
+        assert again.value.hops == 2
+        completion = await c.resume(again.value.result_url, max_redirects=20)
+        with pytest.raises(ConfigError, match="max_redirects"):
+            await c.resume(again.value.result_url, max_redirects=0)
+    assert completion.text == "slow result"
+    assert rec.posts == 1 and len(work) == 1
+
+
 async def test_cross_origin_redirect_gets_no_credentials(make_endpoint: MakeEndpoint) -> None:
     other = Recorder()
 

@@ -18,12 +18,14 @@ from modal_llm._decoders import (
     StreamDecoder,
     TextDecoder,
     decoder_for,
+    refused_media_type,
 )
 from modal_llm._exceptions import (
     ContractError,
     ModalLLMError,
     ReplyTooLargeError,
     ServerStreamError,
+    StreamInterruptedError,
 )
 
 PROPERTY = settings(max_examples=200, deadline=None)
@@ -767,3 +769,54 @@ def test_property_fuzz_sse_chunking_never_changes_the_outcome(
         return pieces, decoder.terminated, None
 
     assert outcome(split_at(body, points)) == outcome([body])
+
+
+# -- the last event at EOF when no [DONE] is required (issue 10, fault 10) ----------------------
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        ([b"data: a\n\ndata: b\n"], ["a", "b"]),  # complete lines, no blank line: delivered
+        ([b"data: a\n\ndata: b\r"], ["a", "b"]),  # a CR ends a line too
+        ([b"data: a\n\ndata: b\ndata: c\n"], ["a", "b\nc"]),
+        ([b"data: a\n\n"], ["a"]),
+        ([b"data: a\n\ndata: [DONE]"], ["a"]),  # a last [DONE] still counts
+        ([b"data: a\n\n: comment\n"], ["a"]),
+    ],
+)
+def test_sse_last_event_is_delivered_at_eof_without_done(
+    chunks: list[bytes], expected: list[str]
+) -> None:
+    assert run(SSEDecoder(require_done=False), chunks) == expected
+    assert run(SSEDecoder(require_done=False), bytewise(b"".join(chunks))) == expected
+
+
+def test_sse_half_line_at_eof_is_an_interruption_without_done() -> None:
+    decoder = SSEDecoder(require_done=False)
+    assert feed_all(decoder, [b"data: a\n\ndata: b"]) == ["a"]
+    with pytest.raises(StreamInterruptedError, match="middle of a line"):
+        decoder.finish()
+
+
+def test_sse_error_event_at_eof_is_raised_without_done() -> None:
+    decoder = SSEDecoder(require_done=False)
+    assert feed_all(decoder, [b"data: a\n\nevent: error\ndata: boom\n"]) == ["a"]
+    with pytest.raises(ServerStreamError, match="boom"):
+        decoder.finish()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "refused"),
+    [
+        ("text/html", "text/html"),
+        ("Text/HTML; charset=utf-8", "text/html"),
+        ("application/xhtml+xml", "application/xhtml+xml"),
+        ("text/plain", None),
+        ("application/json", None),
+        (None, None),
+        ("text/event-stream", None),
+    ],
+)
+def test_refused_media_types(content_type: str | None, refused: str | None) -> None:
+    assert refused_media_type(content_type) == refused

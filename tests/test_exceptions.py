@@ -80,3 +80,25 @@ def test_excerpt_is_bounded() -> None:
 def test_status_mapping(code: int, name: str) -> None:
     assert status_error_class(code).__name__ == name
     assert issubclass(status_error_class(code), StatusError)
+
+
+def test_mask_error_cleans_every_text_of_an_error_and_its_causes() -> None:
+    from modal_llm._exceptions import mask_error
+
+    secret = "ws-secret-value-0123"
+    cause = StatusError(status_code=500, body=f"echo {secret}")
+    err = StreamInterruptedError(f"cut: {secret}", partial_text=f"text {secret}")
+    err.__cause__ = cause
+    mask_error(err, (secret,))
+    for text in (str(err), repr(err), err.partial_text, str(cause), cause.body_excerpt):
+        assert secret not in text and "***" in text
+
+
+def test_mask_text_hides_a_secret_cut_by_an_excerpt() -> None:
+    from modal_llm._exceptions import mask_text
+
+    secret = "ws-secret-value-0123"
+    cut = excerpt(b"x" * 290 + secret.encode())
+    assert cut.endswith("…") and secret[:10] in cut
+    masked = mask_text(cut, (secret,))
+    assert secret[:5] not in masked and masked.endswith("***…")

@@ -1,0 +1,258 @@
+"""One logical call: its ``Call`` state, how it is built from a method's arguments
+(``CallFactory``), and the outcomes of one request (``Reply``, ``Redirect``)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
+
+from pydantic_core import PydanticSerializationError, to_json
+
+from ._auth import CREDENTIAL_HEADERS, credential_headers
+from ._config import TimeoutTypes, UseClientDefault, coerce_timeout, validate_headers
+from ._exceptions import (
+    ConfigError,
+    EndpointTimeoutError,
+    ModalLLMError,
+    ResultPendingError,
+)
+from ._hooks import AttemptHook, CallHooks
+from ._types import HeaderTypes
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from ._config import ClientOptions
+
+__all__ = ["ATTEMPT_HEADER", "Call", "CallFactory", "Redirect", "Reply", "deadline_error"]
+
+STREAM_ACCEPT: Final = "text/event-stream, application/x-ndjson, text/plain, application/json"
+IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+ATTEMPT_HEADER: Final = "X-Modal-LLM-Attempt"
+
+
+def _user_agent() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"modal-llm/{version('modal-llm')}"
+    except PackageNotFoundError:  # running from a source tree
+        return "modal-llm"
+
+
+class Call:
+    """One logical call's state, worked out once and shared by every attempt and hop.
+
+    ``kind`` is ``"unary"``, ``"stream"`` or ``"resume"``; ``hops`` counts the redirects
+    followed; ``sent`` counts the HTTP requests sent (every attempt of every hop);
+    ``secrets`` are the credential values masked in every error the call raises.
+    """
+
+    __slots__ = (
+        "aio_timeout",
+        "body",
+        "deadline_at",
+        "first_byte",
+        "headers",
+        "hooks",
+        "hops",
+        "kind",
+        "pool",
+        "read_timeout",
+        "result_url",
+        "secrets",
+        "sent",
+    )
+
+    def __init__(
+        self,
+        kind: str,
+        body: bytes,
+        headers: dict[str, str],
+        aio_timeout: aiohttp.ClientTimeout,
+        read_timeout: float | None,
+        deadline_at: float | None,
+        pool: float | None,
+        secrets: tuple[str, ...],
+        first_byte: float | None = None,
+    ) -> None:
+        self.kind = kind
+        self.secrets = secrets
+        self.body = body
+        self.headers = headers
+        self.aio_timeout = aio_timeout
+        self.read_timeout = read_timeout
+        self.deadline_at = deadline_at
+        self.pool = pool
+        self.first_byte = first_byte
+        self.result_url: str | None = None
+        self.hops = 0
+        self.sent = 0
+        self.hooks: Any = None  # the AttemptEvent hooks of this call (``_hooks``), if any
+
+
+class Reply:
+    """A whole 2xx reply body."""
+
+    __slots__ = ("body", "status", "url")
+
+    location = None
+
+    def __init__(self, status: int, body: bytes, url: str) -> None:
+        self.status = status
+        self.body = body
+        self.url = url
+
+
+class Redirect:
+    """A redirect to follow (or refuse): its status and ``Location``."""
+
+    __slots__ = ("location", "status", "url")
+
+    def __init__(self, status: int, location: str, url: str) -> None:
+        self.status = status
+        self.location = location
+        self.url = url
+
+
+def deadline_error(call: Call, endpoint_url: str) -> ModalLLMError:
+    """What a call raises when ``Timeout.deadline`` passes: ``ResultPendingError`` once a
+    result URL is known (the work goes on; resume it), else a deadline timeout."""
+    if call.result_url is not None:
+        return ResultPendingError(
+            "the deadline passed while the result was still being computed",
+            result_url=call.result_url,
+            hops=call.hops,
+            url=endpoint_url,
+        )
+    return EndpointTimeoutError("the call's deadline passed", phase="deadline", url=endpoint_url)
+
+
+class CallFactory:
+    """Builds each logical call of one client: body, headers, timeouts, hooks.
+
+    Worked out once per client: the base headers (credentials included), the aiohttp
+    timeouts of the default ``Timeout``, the credential values to mask, and a random
+    prefix for idempotency keys.
+    """
+
+    __slots__ = (
+        "_aio_stream_timeout",
+        "_aio_timeout",
+        "_headers",
+        "_key_counter",
+        "_key_prefix",
+        "_options",
+        "_stream_headers",
+        "failure_listeners",
+        "secrets",
+    )
+
+    def __init__(self, options: ClientOptions) -> None:
+        self._options = options
+        self._aio_timeout = options.timeout.to_aiohttp(streaming=False)
+        self._aio_stream_timeout = options.timeout.to_aiohttp(streaming=True)
+        base = {"Content-Type": "application/json", "User-Agent": _user_agent()}
+        base.update(options.headers)
+        base.update(credential_headers(options.modal_key, options.modal_secret))
+        self._headers = base
+        self._stream_headers = {**base, "Accept": STREAM_ACCEPT}
+        # Our credential values, masked in every error in case a server echoes them back.
+        self.secrets = tuple(v for k, v in base.items() if k.lower() in CREDENTIAL_HEADERS and v)
+        # Compatibility for fan-out until it subscribes per call (``on_attempt``).
+        self.failure_listeners: list[Any] = []
+        self._key_prefix = os.urandom(12).hex()
+        self._key_counter = itertools.count()
+
+    @property
+    def aio_timeout(self) -> aiohttp.ClientTimeout:
+        """The session's default aiohttp timeout."""
+        return self._aio_timeout
+
+    def request(
+        self,
+        prompt: str,
+        headers: HeaderTypes,
+        timeout: TimeoutTypes | UseClientDefault,
+        extra: dict[str, Any],
+        on_attempt: AttemptHook | None,
+        *,
+        streaming: bool = False,
+    ) -> Call:
+        """A call that POSTs ``prompt``: a unary call, or a stream's."""
+        if not isinstance(prompt, str):
+            raise ConfigError(f"prompt must be a str, not {type(prompt).__name__}")
+        payload: dict[str, Any] = {"prompt": prompt, **extra} if extra else {"prompt": prompt}
+        flag = self._options.stream_flag
+        if streaming and flag is not None:
+            payload[flag] = True
+        try:
+            body = to_json(payload)
+        except PydanticSerializationError as exc:
+            raise ConfigError(f"model arguments are not JSON-serializable: {exc}") from None
+        base = self._stream_headers if streaming else self._headers
+        if headers:
+            base = {**base, **validate_headers(headers)}
+        kind = "stream" if streaming else "unary"
+        return self.new(kind, body, base, timeout, on_attempt)
+
+    def resume(self, timeout: TimeoutTypes | UseClientDefault) -> Call:
+        """A call that only polls a result URL."""
+        return self.new("resume", b"", self._headers, timeout, None)
+
+    def new(
+        self,
+        kind: str,
+        body: bytes,
+        base_headers: dict[str, str],
+        timeout: TimeoutTypes | UseClientDefault,
+        on_attempt: AttemptHook | None,
+    ) -> Call:
+        streaming = kind == "stream"
+        call_headers = dict(base_headers)
+        # Unique per logical call: a random per-client prefix and a counter (no syscall).
+        call_headers[IDEMPOTENCY_HEADER] = f"{self._key_prefix}{next(self._key_counter):08x}"
+        call_headers[ATTEMPT_HEADER] = "1"
+        if isinstance(timeout, UseClientDefault):
+            parts = self._options.timeout
+            aio_timeout = self._aio_stream_timeout if streaming else self._aio_timeout
+        else:
+            parts = coerce_timeout(timeout)
+            aio_timeout = parts.to_aiohttp(streaming=streaming)
+        deadline_at = None
+        if parts.deadline is not None:
+            deadline_at = asyncio.get_running_loop().time() + parts.deadline
+        read = parts.read
+        if streaming:
+            if read == parts.first_byte:
+                read = None  # sock_read already holds that value
+            first_byte = None  # sock_read bounds the wait for a stream's headers
+        else:
+            # Unary: the first byte is watched by FirstByteWatch, not by a timer per request.
+            first_byte = parts.first_byte
+        call = Call(
+            kind,
+            body,
+            call_headers,
+            aio_timeout,
+            read,
+            deadline_at,
+            parts.pool,
+            self.secrets,
+            first_byte,
+        )
+        if on_attempt is not None or self.failure_listeners:
+            call.hooks = self._hooks(on_attempt, streaming)
+        return call
+
+    def _hooks(self, on_attempt: AttemptHook | None, streaming: bool) -> CallHooks:
+        attempt = [on_attempt] if on_attempt is not None else []
+        failure = [partial(_tell_listener, listener) for listener in self.failure_listeners]
+        return CallHooks(attempt, failure, stream=streaming)
+
+
+def _tell_listener(listener: Any, event: Any) -> None:
+    listener(event.error)
