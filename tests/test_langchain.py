@@ -31,7 +31,7 @@ from modal_llm import StatusError
 from modal_llm.langchain import Modal
 from modal_llm.langchain._base import client_cap
 
-from .test_sync import STREAM_PIECES, WAIT, ThreadedEndpoint
+from .endpoints import STREAM_PIECES, WAIT, ThreadedEndpoint
 
 KEY, SECRET = "wk-SECRET-KEY-1", "ws-SECRET-VALUE-2"
 AUTH: dict[str, Any] = {"modal_key": SecretStr(KEY), "modal_secret": SecretStr(SECRET)}

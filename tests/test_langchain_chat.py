@@ -30,7 +30,7 @@ from modal_llm import StatusError
 from modal_llm.langchain import ChatModal, Modal, UnsupportedFeatureError
 from modal_llm.langchain._chat import messages_payload, transcript
 
-from .test_sync import STREAM_PIECES, ThreadedEndpoint
+from .endpoints import STREAM_PIECES, ThreadedEndpoint
 
 
 class Tokens(BaseCallbackHandler):

@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from modal_llm import (
     AsyncClient,
@@ -36,103 +34,10 @@ from modal_llm import (
     _sync,
 )
 from modal_llm._config import TimeoutTypes
+from modal_llm.server import toy_generate
+from modal_llm.testing import LocalEndpoint
 
-WAIT = 10.0
-"""Failsafe for waits on events that should come at once; never reached when tests pass."""
-STREAM_PIECES = ("one ", "two ", "three")
-
-
-class ThreadedEndpoint:
-    """A loopback endpoint on its own thread. The prompt picks the behaviour.
-
-    ``hold:...`` waits for ``release()`` (``received`` is set on arrival, ``disconnected``
-    if the client goes away); ``gate:...`` waits until ``gate_at`` requests are in flight;
-    ``fail:...`` answers 422; anything else is echoed as ``"<prompt> :: <kwargs>"``. With
-    the stream flag the reply is SSE in ``STREAM_PIECES``; ``hold:`` then stops after one.
-    """
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.gate_at = 1
-        self.peers: set[object] = set()
-        self.bodies: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.received = threading.Event()
-        self.disconnected = threading.Event()
-        self._server = self._run(self._start())
-        self.url = str(self._server.make_url("/"))
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
-
-    async def _start(self) -> TestServer:
-        self._release = asyncio.Event()
-        self._gate = asyncio.Event()
-        app = web.Application()
-        app.router.add_post("/", self._handle)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        return server
-
-    def release(self) -> None:
-        self.loop.call_soon_threadsafe(self._release.set)
-
-    def close(self) -> None:
-        self.release()
-        self._run(self._server.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(WAIT)
-        self.loop.close()
-
-    @staticmethod
-    def answer(body: dict[str, Any]) -> str:
-        extra = {k: v for k, v in body.items() if k not in ("prompt", "stream")}
-        return f"{body['prompt']} :: {json.dumps(extra, sort_keys=True)}"
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.bodies.append(body)
-        self.headers.append(dict(request.headers))
-        self.peers.add(request.transport.get_extra_info("peername") if request.transport else None)
-        prompt: str = body["prompt"]
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            if prompt.startswith("fail:"):
-                return web.json_response({"detail": "rejected"}, status=422)
-            if prompt.startswith("gate:"):
-                if self.in_flight >= self.gate_at:
-                    self._gate.set()
-                await asyncio.wait_for(self._gate.wait(), WAIT)
-            if body.get("stream"):
-                return await self._stream(request, hold=prompt.startswith("hold:"))
-            if prompt.startswith("hold:"):
-                await self._hold()
-            return web.json_response({"prompt": self.answer(body), "usage": {"n": 1}})
-        finally:
-            self.in_flight -= 1
-
-    async def _hold(self) -> None:
-        self.received.set()
-        try:
-            await self._release.wait()
-        except asyncio.CancelledError:
-            self.disconnected.set()
-            raise
-
-    async def _stream(self, request: web.Request, *, hold: bool) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for piece in STREAM_PIECES:
-            await resp.write(f"data: {json.dumps({'prompt': piece})}\n\n".encode())
-            if hold:
-                await self._hold()
-        await resp.write(b"data: [DONE]\n\n")
-        return resp
+from .endpoints import STREAM_PIECES, WAIT, ThreadedEndpoint
 
 
 @pytest.fixture
@@ -430,3 +335,9 @@ def test_client_map_is_typed_like_async_client_map() -> None:
         k: v for k, v in async_hints.items() if k not in ("items", "return")
     }
     assert hints["timeout"] == TimeoutTypes | UseClientDefault
+
+
+def test_blocking_map_yields_results_in_order() -> None:
+    with LocalEndpoint() as endpoint, Client(endpoint.url) as client:
+        results = list(client.map(["a", "b", "c"], ordered=True))
+    assert [r.text for r in results] == [toy_generate(p) for p in ("a", "b", "c")]

@@ -31,7 +31,7 @@ from modal_llm.server import RecordedRequest, ServerConfig, ServerStats, StreamR
 
 from ._faultproxy import FAULT_KINDS, FaultConfig, FaultKind, FaultProxy
 from ._local import TEST_DEFAULTS, AsyncLocalEndpoint, BaseLocalEndpoint, local_endpoint
-from ._threaded import LocalEndpoint
+from ._threaded import LocalEndpoint, ServerThread
 
 if importlib.util.find_spec("pytest") is not None:  # the plugin's fixtures, for pytest
     from ._plugin import modal_endpoint, modal_endpoint_factory  # noqa: F401
@@ -48,6 +48,7 @@ __all__ = [
     "RecordedRequest",
     "ServerConfig",
     "ServerStats",
+    "ServerThread",
     "StreamReply",
     "local_endpoint",
 ]
