@@ -41,6 +41,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,6 +52,7 @@ from aiohttp import web
 
 from modal_llm import (
     AsyncClient,
+    AttemptEvent,
     Client,
     ConnectError,
     EndpointTimeoutError,
@@ -273,7 +275,7 @@ class Ledger:
             if not _expected_final(exc) and len(self.unexpected) < 10:
                 self.unexpected.append(f"job {job}: {exc!r}")
 
-    def failed_attempt(self, error: ModalLLMError) -> None:
+    def failed_attempt(self, event: AttemptEvent) -> None:
         job = _CURRENT.get()
         if 0 <= job < self.n:
             self.client_failures[job] = min(self.client_failures[job] + 1, 65535)
@@ -437,25 +439,23 @@ class _Run:
             port = int(url.rsplit(":", 1)[1].strip("/"))
             async with FaultProxy("127.0.0.1", port, faults) as proxy:
                 self.proxy = proxy
+                hooks = {"failure": [self.ledger.failed_attempt]}
                 client = AsyncClient(
                     proxy.url,
                     max_concurrency=config.concurrency,
                     retry=self.policy,
                     timeout=timeout,
+                    event_hooks=hooks,
                 )
-                client._failure_listeners.append(self.ledger.failed_attempt)
                 blocking = await asyncio.to_thread(
-                    Client,
-                    proxy.url,
-                    max_concurrency=config.threads,
-                    retry=self.policy,
-                    timeout=timeout,
-                )
-                await asyncio.to_thread(
-                    blocking._portal.call,  # type: ignore[union-attr]
-                    _listen,
-                    blocking._aclient,
-                    self.ledger.failed_attempt,
+                    partial(
+                        Client,
+                        proxy.url,
+                        max_concurrency=config.threads,
+                        retry=self.policy,
+                        timeout=timeout,
+                        event_hooks=hooks,
+                    )
                 )
                 self.idle = lambda: _idle(client) + _idle(blocking._aclient)
                 try:
@@ -764,10 +764,6 @@ def _idle(client: AsyncClient) -> int:
     if session is None or session.connector is None:
         return 0
     return sum(len(conns) for conns in list(session.connector._conns.values()))
-
-
-async def _listen(client: AsyncClient, listener: Callable[[ModalLLMError], None]) -> None:
-    client._failure_listeners.append(listener)
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:

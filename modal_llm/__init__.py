@@ -47,6 +47,7 @@ from ._exceptions import (
     TransportError,
 )
 from ._fanout import AdaptiveConcurrency, BatchItem, BatchResult, RateLimiter
+from ._hooks import AttemptEvent, AttemptHook
 from ._run import run
 from ._streaming import TextStream
 from ._sync import Client
@@ -61,6 +62,8 @@ __all__ = [
     "USE_CLIENT_DEFAULT",
     "AdaptiveConcurrency",
     "AsyncClient",
+    "AttemptEvent",
+    "AttemptHook",
     "AuthenticationError",
     "BatchItem",
     "BatchResult",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 from pydantic_core import PydanticSerializationError, to_json
@@ -56,6 +55,7 @@ class Call:
         "body",
         "deadline_at",
         "first_byte",
+        "first_piece_at",
         "headers",
         "hooks",
         "hops",
@@ -89,9 +89,10 @@ class Call:
         self.pool = pool
         self.first_byte = first_byte
         self.result_url: str | None = None
+        self.first_piece_at: float | None = None  # loop time the first piece of a stream came
         self.hops = 0
         self.sent = 0
-        self.hooks: Any = None  # the AttemptEvent hooks of this call (``_hooks``), if any
+        self.hooks: CallHooks | None = None  # its AttemptEvent subscribers, if any
 
 
 class Reply:
@@ -142,12 +143,13 @@ class CallFactory:
     __slots__ = (
         "_aio_stream_timeout",
         "_aio_timeout",
+        "_attempt_hooks",
+        "_failure_hooks",
         "_headers",
         "_key_counter",
         "_key_prefix",
         "_options",
         "_stream_headers",
-        "failure_listeners",
         "secrets",
     )
 
@@ -162,8 +164,8 @@ class CallFactory:
         self._stream_headers = {**base, "Accept": STREAM_ACCEPT}
         # Our credential values, masked in every error in case a server echoes them back.
         self.secrets = tuple(v for k, v in base.items() if k.lower() in CREDENTIAL_HEADERS and v)
-        # Compatibility for fan-out until it subscribes per call (``on_attempt``).
-        self.failure_listeners: list[Any] = []
+        self._attempt_hooks = options.event_hooks.get("attempt", ())
+        self._failure_hooks = options.event_hooks.get("failure", ())
         self._key_prefix = os.urandom(12).hex()
         self._key_counter = itertools.count()
 
@@ -244,15 +246,9 @@ class CallFactory:
             self.secrets,
             first_byte,
         )
-        if on_attempt is not None or self.failure_listeners:
-            call.hooks = self._hooks(on_attempt, streaming)
+        if on_attempt is not None:
+            attempt = (*self._attempt_hooks, on_attempt)
+            call.hooks = CallHooks(attempt, self._failure_hooks, stream=streaming)
+        elif self._attempt_hooks or self._failure_hooks:
+            call.hooks = CallHooks(self._attempt_hooks, self._failure_hooks, stream=streaming)
         return call
-
-    def _hooks(self, on_attempt: AttemptHook | None, streaming: bool) -> CallHooks:
-        attempt = [on_attempt] if on_attempt is not None else []
-        failure = [partial(_tell_listener, listener) for listener in self.failure_listeners]
-        return CallHooks(attempt, failure, stream=streaming)
-
-
-def _tell_listener(listener: Any, event: Any) -> None:
-    listener(event.error)

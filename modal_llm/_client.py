@@ -1,7 +1,7 @@
 """``AsyncClient``: the public face of the client, and the one place a logical call runs.
 
 It owns the session's lifecycle (one pooled aiohttp session per client, created in the
-first loop that uses it), turns arguments into a ``Call`` and runs it: ``_run_call`` is
+first loop that uses it), turns arguments into a ``Call`` and runs it: ``_scope`` is
 where every logical call (unary, stream, resume) starts and ends. The HTTP work lives in
 ``_send`` (one request, error mapping, byte caps), ``_redirects`` (the 303 chain) and
 ``_streaming`` (the stream consumer); retries in ``_retry``; observers in ``_hooks``.
@@ -17,7 +17,7 @@ import warnings
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
 import aiohttp
 
@@ -71,6 +71,9 @@ log = logging.getLogger("modal_llm")
 T = TypeVar("T")
 
 
+_NO_SCOPE: Final[contextlib.AbstractContextManager[object]] = contextlib.nullcontext()
+
+
 class _State(enum.Enum):
     UNOPENED = 1  # no session yet: it is created inside the first running loop that uses us
     OPENED = 2  # a session exists and belongs to ``_loop``
@@ -92,7 +95,8 @@ class AsyncClient:
     (or ``MODAL_LLM_KEY``/``MODAL_LLM_SECRET``), ``headers``, ``max_concurrency``,
     ``max_retries``, ``timeout`` (seconds or a ``Timeout``), ``retry`` (a ``RetryPolicy``),
     ``max_redirects``, ``max_reply_bytes``, ``stream_flag``, ``stream_require_done``,
-    ``connection_limit``. The URL falls back to ``MODAL_LLM_ENDPOINT_URL``.
+    ``connection_limit``, ``event_hooks`` (``{"attempt": [f], "failure": [g]}``: see
+    ``AttemptEvent``). The URL falls back to ``MODAL_LLM_ENDPOINT_URL``.
     """
 
     _state = _State.CLOSED  # so __del__ is quiet if __init__ failed before setting it
@@ -116,10 +120,6 @@ class AsyncClient:
         self._slot: asyncio.Semaphore | None = None  # the transport's, for inspection
         self._calls = CallFactory(options)
         self._secrets = self._calls.secrets
-        # Compatibility for fan-out until it subscribes per call (``_complete(on_attempt=)``).
-        self._failure_listeners: list[Callable[[ModalLLMError], None]] = (
-            self._calls.failure_listeners
-        )
         self._state = _State.UNOPENED
 
     @property
@@ -412,6 +412,7 @@ class AsyncClient:
         opts = self._options
         pieces = stream_pieces(
             self._transport_for_loop,
+            self._scope,
             call,
             stops,
             state,
@@ -443,22 +444,30 @@ class AsyncClient:
         call = self._calls.request(prompt, headers, timeout, extra, on_attempt)
         return await self._run_call(call, partial(self._post_and_follow, transport, call))
 
-    async def _run_call(self, call: Call, run: Callable[[], Awaitable[T]]) -> T:
-        """Where every non-streaming logical call starts and ends (the telemetry seam).
+    def _scope(self, call: Call) -> contextlib.AbstractContextManager[object]:
+        """The one place every logical call (unary, stream, resume) starts and ends.
 
-        Applies ``Timeout.deadline`` to the whole call and masks whatever error leaves.
+        Entered before the call's first request and exited when its outcome is known (for a
+        stream: when it is closed), with the call's error, already masked, if it failed.
+        ``call.kind``, ``call.hops``, ``call.sent``, ``call.first_piece_at`` and
+        ``call.hooks`` (its ``AttemptEvent`` subscribers) are there: the telemetry seam.
         """
-        try:
-            if call.deadline_at is None:
-                return await run()
-            remaining = call.deadline_at - asyncio.get_running_loop().time()
+        return _NO_SCOPE
+
+    async def _run_call(self, call: Call, run: Callable[[], Awaitable[T]]) -> T:
+        """Run a non-streaming call in its scope, under ``Timeout.deadline``; mask its error."""
+        with self._scope(call):
             try:
-                return await asyncio.wait_for(run(), remaining)
-            except asyncio.TimeoutError:
-                raise deadline_error(call, self._url) from None
-        except ModalLLMError as exc:
-            mask_error(exc, self._secrets)
-            raise
+                if call.deadline_at is None:
+                    return await run()
+                remaining = call.deadline_at - asyncio.get_running_loop().time()
+                try:
+                    return await asyncio.wait_for(run(), remaining)
+                except asyncio.TimeoutError:
+                    raise deadline_error(call, self._url) from None
+            except ModalLLMError as exc:
+                mask_error(exc, self._secrets)
+                raise
 
     async def _post_and_follow(self, transport: Transport, call: Call) -> tuple[Completion, int]:
         """One POST (retried), maybe a 303 chain, one parse: the whole unary call."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Final, TypedDict
 from urllib.parse import urlsplit
 
 from ._exceptions import ConfigError, redact_url
+from ._hooks import AttemptHook, EventHooks, check_hooks
 
 if TYPE_CHECKING:
     import aiohttp
@@ -261,6 +262,7 @@ class ClientSettings(TypedDict, total=False):
     stream_flag: str | None
     stream_require_done: bool
     connection_limit: int | None
+    event_hooks: EventHooks | None
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token
@@ -332,6 +334,7 @@ class ClientOptions:
     stream_flag: str | None = DEFAULT_STREAM_FLAG
     stream_require_done: bool = True
     connection_limit: int = DEFAULT_MAX_CONCURRENCY
+    event_hooks: dict[str, tuple[AttemptHook, ...]] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         from ._exceptions import redact_url
@@ -436,4 +439,5 @@ class ClientOptions:
             stream_flag=stream_flag,
             stream_require_done=bool(kw.get("stream_require_done", True)),
             connection_limit=connection_limit,
+            event_hooks=check_hooks(kw.get("event_hooks")),
         )

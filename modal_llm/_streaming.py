@@ -7,6 +7,7 @@ import asyncio
 import logging
 import warnings
 from collections.abc import AsyncGenerator, Callable, Coroutine
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
 
@@ -186,6 +187,7 @@ async def _open(
 
 async def stream_pieces(
     transport_for_loop: Callable[[], Transport],
+    scope: Callable[[Call], AbstractContextManager[object]],
     call: Call,
     stops: tuple[str, ...],
     state: StreamState,
@@ -197,86 +199,89 @@ async def stream_pieces(
 ) -> AsyncGenerator[str, None]:
     """The stream consumer: every piece of one streamed reply, stop sequences applied.
 
-    Errors leave here masked; once a piece has reached the caller nothing is retried and a
+    Runs inside ``scope(call)`` (the client's one start/end of a logical call). Errors
+    leave here masked; once a piece has reached the caller nothing is retried and a
     failure carries ``partial_text``. The byte cap runs over the whole body (the opening
     included), since the one ``Opened`` counts it.
     """
-    sent: list[str] = []
-    opened: Opened | None = None
-    finished = False
-    try:
-        transport = transport_for_loop()
-        opening = _open(transport, call, endpoint_url, max_redirects, retry, require_done)
-        if call.deadline_at is None:
-            first = await opening
-        else:
-            remaining = call.deadline_at - asyncio.get_running_loop().time()
-            try:
-                first = await asyncio.wait_for(opening, remaining)
-            except asyncio.TimeoutError:
-                raise deadline_error(call, endpoint_url) from None
-        opened = response = first.opened
-        decoder, pieces = first.decoder, first.pieces
-        state.open = True
-        deadline_at = call.deadline_at
-        matcher = StopMatcher(stops)
-        while True:
-            for piece in pieces:
-                text = matcher.feed(piece)
-                if text:
-                    sent.append(text)
-                    yield text
-                if matcher.stopped:
-                    return  # closes the connection so the endpoint stops generating
-            error = decoder.error
-            if error is not None:  # found after the pieces above, in the same chunk
-                error.partial_text = "".join(sent)  # type: ignore[attr-defined]
-                raise error
-            if decoder.terminated:
-                break
-            try:
-                chunk = await response.chunk(deadline_at)
-            except (TransportError, ClientClosedError) as exc:
-                raise StreamInterruptedError(
-                    f"stream interrupted after {len(sent)} pieces and {response.received} "
-                    f"bytes: {exc.message}",
-                    partial_text="".join(sent),
-                    url=response.url,
-                ) from exc
-            if not chunk:
+    with scope(call):
+        sent: list[str] = []
+        opened: Opened | None = None
+        finished = False
+        try:
+            transport = transport_for_loop()
+            opening = _open(transport, call, endpoint_url, max_redirects, retry, require_done)
+            if call.deadline_at is None:
+                first = await opening
+            else:
+                remaining = call.deadline_at - asyncio.get_running_loop().time()
                 try:
-                    pieces = decoder.finish()
-                except StreamError as exc:
-                    exc.partial_text = "".join(sent) + exc.partial_text
-                    raise
-                if decoder.requires_terminator and not decoder.terminated:
-                    for piece in pieces:  # deliver what did arrive before failing
-                        text = matcher.feed(piece)
-                        if text:
-                            sent.append(text)
-                            yield text
+                    first = await asyncio.wait_for(opening, remaining)
+                except asyncio.TimeoutError:
+                    raise deadline_error(call, endpoint_url) from None
+            opened = response = first.opened
+            decoder, pieces = first.decoder, first.pieces
+            state.open = True
+            call.first_piece_at = asyncio.get_running_loop().time()  # (or its clean end)
+            deadline_at = call.deadline_at
+            matcher = StopMatcher(stops)
+            while True:
+                for piece in pieces:
+                    text = matcher.feed(piece)
+                    if text:
+                        sent.append(text)
+                        yield text
+                    if matcher.stopped:
+                        return  # closes the connection so the endpoint stops generating
+                error = decoder.error
+                if error is not None:  # found after the pieces above, in the same chunk
+                    error.partial_text = "".join(sent)  # type: ignore[attr-defined]
+                    raise error
+                if decoder.terminated:
+                    break
+                try:
+                    chunk = await response.chunk(deadline_at)
+                except (TransportError, ClientClosedError) as exc:
                     raise StreamInterruptedError(
-                        "stream ended without its [DONE] terminator",
+                        f"stream interrupted after {len(sent)} pieces and {response.received} "
+                        f"bytes: {exc.message}",
                         partial_text="".join(sent),
                         url=response.url,
-                    )
-                decoder.terminated = True
-                continue
-            try:
-                pieces = decoder.feed(chunk)
-            except StreamError as exc:
-                # The decoder reports pieces it decoded before the error, in this chunk.
-                exc.partial_text = "".join(sent) + exc.partial_text
-                raise
-        tail = matcher.finish()
-        if tail:
-            sent.append(tail)
-            yield tail
-        finished = True
-    except ModalLLMError as exc:
-        mask_error(exc, call.secrets)
-        raise
-    finally:
-        state.open = False
-        if opened is not None:
-            opened.release(reuse=finished)
+                    ) from exc
+                if not chunk:
+                    try:
+                        pieces = decoder.finish()
+                    except StreamError as exc:
+                        exc.partial_text = "".join(sent) + exc.partial_text
+                        raise
+                    if decoder.requires_terminator and not decoder.terminated:
+                        for piece in pieces:  # deliver what did arrive before failing
+                            text = matcher.feed(piece)
+                            if text:
+                                sent.append(text)
+                                yield text
+                        raise StreamInterruptedError(
+                            "stream ended without its [DONE] terminator",
+                            partial_text="".join(sent),
+                            url=response.url,
+                        )
+                    decoder.terminated = True
+                    continue
+                try:
+                    pieces = decoder.feed(chunk)
+                except StreamError as exc:
+                    # The decoder reports pieces it decoded before the error, in this chunk.
+                    exc.partial_text = "".join(sent) + exc.partial_text
+                    raise
+            tail = matcher.finish()
+            if tail:
+                sent.append(tail)
+                yield tail
+            finished = True
+        except ModalLLMError as exc:
+            mask_error(exc, call.secrets)
+            raise
+        finally:
+            state.open = False
+            if opened is not None:
+                opened.release(reuse=finished)

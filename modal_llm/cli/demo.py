@@ -12,6 +12,7 @@ from .._client import AsyncClient
 from .._config import RetryPolicy
 from .._exceptions import ModalLLMError, StatusError
 from .._fanout import BatchResult
+from .._hooks import AttemptEvent, AttemptHook
 from .._progress import INSTALL_HINT, Progress
 from .common import EXIT_OK, positive_int
 
@@ -66,9 +67,16 @@ async def demo(args: argparse.Namespace) -> int:
     retry = RetryPolicy(max_retries=5, wait_initial=0.05, wait_max=0.5, jitter=0.05)
     async with serve(app) as url:
         print(f"reference endpoint (a toy generator, not a model) at {url}")
-        async with AsyncClient(url, max_concurrency=args.concurrency, retry=retry) as client:
-            failures: list[str] = []
-            client._failure_listeners.append(lambda e: failures.append(_status_of(e)))
+        failures: list[str] = []
+
+        def on_failure(event: AttemptEvent) -> None:
+            if event.error is not None:
+                failures.append(_status_of(event.error))
+
+        hooks: dict[str, list[AttemptHook]] = {"failure": [on_failure]}
+        async with AsyncClient(
+            url, max_concurrency=args.concurrency, retry=retry, event_hooks=hooks
+        ) as client:
             print(f"\nstreaming: {_DEMO_PROMPT!r}")
             async for piece in client.stream(_DEMO_PROMPT):
                 out.write(piece)
