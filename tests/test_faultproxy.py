@@ -13,15 +13,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from modal_llm.testing._faultproxy import (
-    FAULT_KINDS,
-    FaultConfig,
-    FaultProxy,
-    _framing,
-    _Limiter,
-    _request_complete,
-    choose_fault,
-)
+from modal_llm.testing import FAULT_KINDS, FaultConfig, FaultProxy
+from modal_llm.testing._faultplan import Limiter, choose_fault, framing, request_complete
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -196,21 +189,21 @@ def test_choose_fault_covers_every_kind_in_order() -> None:
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n", True),
     ],
 )
-def test_request_complete(buf: bytes, complete: bool) -> None:
-    assert _request_complete(buf) is complete
+def testrequest_complete(buf: bytes, complete: bool) -> None:
+    assert request_complete(buf) is complete
 
 
-def test_framing_reads_length_and_chunked() -> None:
-    assert _framing(b"HTTP/1.1 200 OK\r\nContent-Length: 12") == (12, False)
-    assert _framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked") == (None, True)
-    assert _framing(b"HTTP/1.1 200 OK\r\nContent-Length: nope") == (None, False)
+def testframing_reads_length_and_chunked() -> None:
+    assert framing(b"HTTP/1.1 200 OK\r\nContent-Length: 12") == (12, False)
+    assert framing(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked") == (None, True)
+    assert framing(b"HTTP/1.1 200 OK\r\nContent-Length: nope") == (None, False)
 
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
 
 
 def test_limiter_stops_after_n_bytes_inside_the_body() -> None:
-    limiter = _Limiter(len(HEAD) + 3)
+    limiter = Limiter(len(HEAD) + 3)
     assert limiter.feed(HEAD[:5]) == (b"", False)  # nothing leaves before the head is parsed
     assert limiter.feed(HEAD[5:] + b"0123456789") == (HEAD + b"012", True)
     assert limiter.rest() == b"3456789"
@@ -218,24 +211,24 @@ def test_limiter_stops_after_n_bytes_inside_the_body() -> None:
 
 @pytest.mark.parametrize("after", [0, 10_000])
 def test_limiter_is_clamped_between_head_and_last_byte(after: int) -> None:
-    out, reached = _Limiter(after).feed(HEAD + b"0123456789")
+    out, reached = Limiter(after).feed(HEAD + b"0123456789")
     assert reached
     assert out == (HEAD if after == 0 else HEAD + b"012345678")
 
 
 def test_limiter_holds_back_the_chunked_terminator() -> None:
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    limiter = _Limiter(10_000)
+    limiter = Limiter(10_000)
     assert limiter.feed(head + b"3\r\nabc\r\n") == (head + b"3\r\nabc\r\n", False)
     assert limiter.feed(b"0\r\n\r\n") == (b"", True)
     assert limiter.rest() == b"0\r\n\r\n"
 
 
 def test_limiter_finish_holds_back_the_last_byte_of_a_close_delimited_reply() -> None:
-    limiter = _Limiter(10_000)
+    limiter = Limiter(10_000)
     assert limiter.feed(b"HTTP/1.0 200 OK\r\n\r\nabc") == (b"HTTP/1.0 200 OK\r\n\r\nabc", False)
     assert limiter.finish() == (b"", True)
-    assert _Limiter(5).finish() == (b"", False)
+    assert Limiter(5).finish() == (b"", False)
 
 
 # -- through the proxy ---------------------------------------------------------------------------

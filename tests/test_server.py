@@ -20,6 +20,8 @@ from yarl import URL
 
 from modal_llm._exceptions import ConfigError
 from modal_llm.server import (
+    CONFIG,
+    ENDPOINT,
     INVALID_CALL,
     INVALID_CREDENTIALS,
     MISSING_CREDENTIALS,
@@ -27,6 +29,7 @@ from modal_llm.server import (
     STATS,
     ServerConfig,
     ServerStats,
+    StreamReply,
     build_parser,
     config_from_args,
     create_app,
@@ -870,3 +873,62 @@ async def test_module_runs_as_a_server_process(session: aiohttp.ClientSession) -
             proc.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, stderr.decode()
+
+
+async def test_text_stream_error_after_the_last_piece_drops(
+    session: aiohttp.ClientSession,
+) -> None:
+    config = ServerConfig(pieces=4, stream_format="text", stream_error_after=4)
+    chunks: list[bytes] = []
+    async with (
+        running(config) as (url, _),
+        session.post(url, json={"prompt": PROMPT, "stream": True}) as resp,
+    ):
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await read_into(resp, chunks)
+    assert b"".join(chunks) == REPLY.encode()
+
+
+async def test_requests_are_recorded_only_when_asked(session: aiohttp.ClientSession) -> None:
+    plain = create_app()
+    assert plain[ENDPOINT].requests is None
+    app = create_app(record_requests=True)
+    async with serve(app) as url:
+        async with session.post(url + "p?x=1", json={"prompt": PROMPT}, headers={"X-A": "b"}):
+            pass
+        async with session.get(url):
+            pass
+    first, second = app[ENDPOINT].requests or []
+    assert (first.method, first.path, first.query, first.status) == ("POST", "/p", {"x": "1"}, 200)
+    assert first.body == {"prompt": PROMPT} and first.prompt == PROMPT
+    assert first.headers["x-a"] == "b" and first.scripted is None
+    assert (second.method, second.body, second.prompt, second.status) == ("GET", None, None, 405)
+    assert first.time <= second.time
+
+
+async def test_configure_restarts_the_fault_numbering(session: aiohttp.ClientSession) -> None:
+    app = create_app(ServerConfig(error_burst=1))
+    async with serve(app) as url:
+        assert await post_status(session, url) == 503
+        assert await post_status(session, url) == 200
+        app[ENDPOINT].configure(ServerConfig(error_burst=1, error_status=502))
+        assert await post_status(session, url) == 502
+        assert await post_status(session, url) == 200
+        assert app[ENDPOINT].config.error_status == 502
+        assert app[CONFIG].error_status == 503  # the config it was built with
+
+
+async def test_script_replaces_and_counts(session: aiohttp.ClientSession) -> None:
+    app = create_app()
+    script = app[ENDPOINT].script
+    script.replace([429, "x"])
+    with pytest.raises(ConfigError, match=r"script\[0\]"):
+        script.replace([True])
+    assert len(script) == 2  # a bad script changes nothing
+    with pytest.raises(ConfigError, match="end"):
+        StreamReply(["a"], end="later")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="strings"):
+        StreamReply([1])  # type: ignore[list-item]
+    async with serve(app) as url:
+        assert await post_status(session, url) == 429
+        assert len(script) == 1

@@ -344,3 +344,42 @@ def test_threaded_endpoint_leaves_no_thread_or_socket() -> None:
     assert set(threading.enumerate()) == threads
     if fds is not None:
         assert open_fds() == fds
+
+
+def test_support_code_depends_one_way() -> None:
+    """modal_llm imports neither tests nor benchmarks; benchmarks never import tests; a test
+    module imports no other test module (shared helpers live in conftest.py, endpoints.py
+    or modal_llm.testing). tests -> benchmarks (the soak engine) is the one allowed edge."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def imports(path: Path) -> set[str]:
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                found.add("." * node.level + module)
+        return found
+
+    bad = []
+    for folder, forbidden in (
+        ("modal_llm", ("tests", "benchmarks")),
+        ("benchmarks", ("tests",)),
+    ):
+        for path in (root / folder).rglob("*.py"):
+            bad += [(path.name, m) for m in imports(path) if m.split(".")[0] in forbidden]
+    for path in (root / "tests").rglob("*.py"):
+        for module in imports(path):
+            if module.startswith("."):
+                local = module.lstrip(".")
+            elif module.startswith("tests."):
+                local = module.removeprefix("tests.")
+            else:
+                continue
+            if local.split(".")[-1].startswith("test_"):
+                bad.append((path.name, module))
+    assert bad == []

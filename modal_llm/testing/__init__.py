@@ -29,7 +29,8 @@ import importlib.util
 
 from modal_llm.server import RecordedRequest, ServerConfig, ServerStats, StreamReply
 
-from ._faultproxy import FAULT_KINDS, FaultConfig, FaultKind, FaultProxy
+from ._faultplan import FAULT_KINDS, FaultConfig, FaultKind
+from ._faultproxy import FaultProxy
 from ._local import TEST_DEFAULTS, AsyncLocalEndpoint, BaseLocalEndpoint, local_endpoint
 from ._threaded import LocalEndpoint, ServerThread
 
