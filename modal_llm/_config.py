@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypedDict
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from ._exceptions import ConfigError, redact_url
 from ._hooks import AttemptHook, EventHooks, check_hooks
@@ -318,6 +318,106 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_\-\u0080-\U0010ffff]+")  # ASCII, or an IDN label
+_UNSAFE_IN_URL = re.compile(r"[\x00-\x20\x7f]")
+
+
+def _shown_url(url: str) -> str:
+    """``url`` for a message: redacted, or for a URL too broken to parse, its scheme and host
+    part with any userinfo masked (never the query)."""
+    shown = redact_url(url)
+    if shown != "<invalid url>":
+        return shown
+    head, sep, rest = url.partition("://")
+    authority, _, path = rest.partition("/") if sep else (head, "", "")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    path = re.split(r"[?#]", path, maxsplit=1)[0]
+    return f"{head}{sep}{authority}" + (f"/{path}" if sep and "/" in rest else "")
+
+
+def validate_endpoint_url(url: str, *, source: str = "") -> SplitResult:
+    """Check that ``url`` is an absolute http(s) URL a request can be sent to.
+
+    Rejects, with a ``ConfigError`` that shows the URL (redacted) and says what is wrong: a
+    scheme other than http/https, a missing or malformed host (spaces, ``%``, empty labels,
+    an IPv6 address without matching brackets or not an IPv6 address), a port that is not a
+    number from 1 to 65535, whitespace or control characters anywhere, and userinfo.
+    ``source`` names where the URL was read (an environment variable) for the message.
+    """
+    where = f" (from ${source})" if source else ""
+
+    def bad(problem: str) -> ConfigError:
+        return ConfigError(f"endpoint URL {_shown_url(url)!r}{where} is malformed: {problem}")
+
+    unsafe = _UNSAFE_IN_URL.search(url)
+    if unsafe:
+        where_in = f"character {unsafe.start() + 1} of {len(url)}"
+        raise bad(f"it contains {unsafe.group()!r} ({where_in}); no whitespace or control chars")
+    scheme = url.partition(":")[0].lower() if "://" in url else ""
+    if scheme not in ("http", "https"):
+        raise bad("it must be an http(s) URL, as in https://you--app.modal.run/")
+    netloc = url.split("://", 1)[1]
+    netloc = re.split(r"[/?#]", netloc, maxsplit=1)[0].rpartition("@")[2]
+    if "[" in netloc or "]" in netloc:
+        inside, closed, after = netloc.partition("]")
+        if not netloc.startswith("[") or not closed or "[" in inside[1:] or "]" in after:
+            raise bad("an IPv6 address must be in one pair of brackets, as in http://[::1]:8000/")
+        if after and not after.startswith(":"):
+            raise bad(f"unexpected {after!r} after the IPv6 address")
+        import ipaddress
+
+        try:
+            ipaddress.IPv6Address(inside[1:])
+        except ValueError:
+            raise bad(f"{inside[1:]!r} between the brackets is not an IPv6 address") from None
+    elif netloc.count(":") > 1:
+        raise bad("an IPv6 address must be in brackets, as in http://[::1]:8000/")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        text = str(exc)
+        if "Port" in text or "port" in text:
+            raise bad("the port must be a number from 1 to 65535") from None
+        raise bad(text) from None
+    if port == 0:
+        raise bad("the port must be a number from 1 to 65535")
+    host = parts.hostname
+    if not host:
+        raise bad("it has no host")
+    if "[" not in netloc:
+        labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+        if not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise bad(f"{host!r} is not a valid host name")
+    if parts.username or parts.password:
+        raise ConfigError("endpoint_url must not carry credentials; use modal_key/modal_secret")
+    return parts
+
+
+def _credentials(key: object, secret: object) -> tuple[str | None, str | None]:
+    """The key and secret from the arguments, else the environment; both or neither."""
+    env_key = os.environ.get(ENV_KEY) or None
+    env_secret = os.environ.get(ENV_SECRET) or None
+    found_key = key if key is not None else env_key
+    found_secret = secret if secret is not None else env_secret
+    if (found_key is None) == (found_secret is None):
+        return found_key, found_secret  # type: ignore[return-value]
+    if found_key is None:
+        have, have_env, missing, missing_env = "modal_secret", ENV_SECRET, "modal_key", ENV_KEY
+        given = secret is not None
+    else:
+        have, have_env, missing, missing_env = "modal_key", ENV_KEY, "modal_secret", ENV_SECRET
+        given = key is not None
+    if given:
+        problem = f"{have} was passed but not {missing}, and ${missing_env} is not set"
+        remedy = f"pass {missing} or set ${missing_env}"
+    else:
+        problem = f"${have_env} is set in the environment but ${missing_env} is not"
+        remedy = f"set ${missing_env} too, or unset ${have_env}"
+    raise ConfigError(f"{problem}: {remedy} (the key and secret must be given together)")
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class ClientOptions:
     """Every client setting, resolved and validated once. Strictly private shape."""
@@ -357,24 +457,15 @@ class ClientOptions:
             raise ConfigError(f"no endpoint URL: pass endpoint_url or set {ENV_ENDPOINT_URL}")
         if not isinstance(url, str):
             raise ConfigError(f"endpoint_url must be a str, not {type(url).__name__}")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"endpoint_url must be an http(s) URL, not {redact_url(url)!r}")
-        if parts.username or parts.password:
-            raise ConfigError("endpoint_url must not carry credentials; use modal_key/modal_secret")
+        parts = validate_endpoint_url(url, source="" if endpoint_url else ENV_ENDPOINT_URL)
 
-        key = kw.get("modal_key")
-        secret = kw.get("modal_secret")
-        key = key if key is not None else os.environ.get(ENV_KEY) or None
-        secret = secret if secret is not None else os.environ.get(ENV_SECRET) or None
-        if (key is None) != (secret is None):
-            raise ConfigError("modal_key and modal_secret must be given together")
+        key, secret = _credentials(kw.get("modal_key"), kw.get("modal_secret"))
         if key is not None:
             if not isinstance(key, str) or not isinstance(secret, str):
                 raise ConfigError("modal_key and modal_secret must be str")
             _check_header("Modal-Key", key)
             _check_header("Modal-Secret", secret)
-            if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
                 warnings.warn(
                     "sending Modal-Key/Modal-Secret over plain http:// to a non-loopback host "
                     "exposes them on the network; use https://",
@@ -429,7 +520,7 @@ class ClientOptions:
         return cls(
             endpoint_url=url,
             modal_key=key,
-            modal_secret=secret,  # type: ignore[arg-type]
+            modal_secret=secret,
             headers=headers,
             max_concurrency=max_concurrency,
             timeout=timeout,

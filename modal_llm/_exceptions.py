@@ -73,6 +73,8 @@ def redact_url(url: object) -> str:
     except ValueError:
         return "<invalid url>"
     netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"  # an IPv6 literal keeps its brackets
     if port is not None:
         netloc = f"{netloc}:{port}"
     query = ""

@@ -144,7 +144,7 @@ async def test_generate_auth_from_env_or_flags(
 @pytest.mark.parametrize(
     ("argv", "code", "needles"),
     [
-        (["--endpoint", "ftp://example.com/"], EXIT_CONFIG, ["http(s) URL"]),
+        (["--endpoint", "ftp://example.com/"], EXIT_CONFIG, ["must be an http(s) URL"]),
         ([], EXIT_CONFIG, ["no endpoint", "MODAL_LLM_ENDPOINT_URL"]),
         (["--endpoint", "http://127.0.0.1:1/", "--modal-key", "k"], EXIT_CONFIG, ["together"]),
         (["--endpoint", "http://127.0.0.1:{port}/"], EXIT_UNREACHABLE, ["cannot reach"]),
