@@ -29,31 +29,13 @@ from modal_llm.cli import (
     main,
 )
 from modal_llm.server import STATS, ServerConfig, create_app, serve, toy_generate
+from tests.cli_support import MODAL_LLM
 
 KEY, SECRET = "wk-test", "ws-not-a-real-secret"
 
 
 async def run_cli(*argv: str) -> int:
     return await asyncio.to_thread(main, list(argv))
-
-
-MODAL_LLM = Path(sys.executable).with_name("modal-llm")
-"""The installed console script: the real entry point, as a user runs it."""
-
-
-def modal_llm(
-    *argv: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Run the ``modal-llm`` script in a subprocess; its exit status, stdout and stderr."""
-    return subprocess.run(
-        [str(MODAL_LLM), *argv],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=timeout,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})},
-    )
 
 
 def closed_port() -> int:
@@ -172,7 +154,7 @@ async def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_the_entry_points_are_one_program() -> None:
     from modal_llm import __version__
 
-    proc = modal_llm("--version")
+    proc = subprocess.run([str(MODAL_LLM), "--version"], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout) == (0, f"modal-llm {__version__}\n")
     for module in ("modal_llm", "modal_llm.cli"):
         cmd = [sys.executable, "-m", module, "--help"]
@@ -305,7 +287,9 @@ async def test_batch_stops_on_auth_failure(
         args = ("batch", str(source), "-o", str(output), "--endpoint", url, "--concurrency", "1")
         assert await run_cli(*args) == EXIT_AUTH
         assert app[STATS].posts < 10
-    assert_one_line_error(capsys.readouterr().err, "authentication failed", "rerun to resume")
+    assert_one_line_error(
+        capsys.readouterr().err, "authentication failed", "rerun the same command to resume"
+    )
     assert read_jsonl(output)[0]["error"]["type"] == "AuthenticationError"
 
 
@@ -373,7 +357,7 @@ def test_demo_without_tqdm_falls_back_to_a_counter(
     assert main(["demo", "--prompts", "40"]) == EXIT_OK
     captured = capsys.readouterr()
     assert "40/40 done, 0 failed" in captured.err
-    assert "requests:   40 prompts" in captured.out
+    assert "HTTP requests:" in captured.out and "(1 stream + 40 prompts)" in captured.out
     assert toy_generate("Explain in one breath why the sky is blue") in captured.out
 
 
@@ -389,9 +373,9 @@ def test_demo_runs_as_a_module() -> None:
     assert proc.returncode == 0, proc.stderr
     lines = [line.strip() for line in proc.stdout.splitlines()]
     summary = {line.split(":")[0]: line for line in lines if ":" in line}
-    assert summary["requests"].startswith("requests:   300 prompts")
-    assert summary["errors"] == "errors:     0"
-    assert summary["retries"].startswith("retries:")
+    assert "301 calls (1 stream + 300 prompts)" in summary["HTTP requests"]
+    assert summary["errors"] == "errors:        0"
+    assert "retries" in summary["HTTP requests"]
     assert "prompts/s" in summary["throughput"]
     assert "p50" in summary["latency"] and "p95" in summary["latency"]
     assert "streaming:" in proc.stdout and "Traceback" not in proc.stderr

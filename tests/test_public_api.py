@@ -32,8 +32,8 @@ def test_version() -> None:
 def test_import_is_light() -> None:
     code = (
         "import sys, modal_llm; "
-        "heavy = [m for m in ('langchain_core', 'tqdm', 'modal_llm.server', 'modal_llm.cli', "
-        "'modal_llm.testing', 'pytest') "
+        "heavy = [m for m in ('langchain_core', 'tqdm', 'pyarrow', 'modal_llm.server', "
+        "'modal_llm.cli', 'modal_llm.testing', 'pytest') "
         "if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

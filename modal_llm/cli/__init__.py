@@ -25,6 +25,7 @@ from .common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     PROG,
@@ -44,6 +45,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
     "build_parser",
@@ -101,11 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except CliExit as exc:
-        return fail(exc.code, exc.message)
+        return fail(exc.code, exc.message, error=exc.error)
     except ModalLLMError as exc:
         failure = error_exit(exc)
         return fail(failure.code, failure.message)
-    except KeyboardInterrupt:
-        hint = "; rerun the same command to resume" if args.command == "batch" else ""
-        print(f"{PROG}: interrupted{hint}", file=sys.stderr)
+    except KeyboardInterrupt:  # batch turns its own into CliExit, with what to do next
+        print(f"{PROG}: interrupted by Ctrl-C", file=sys.stderr)
         return EXIT_INTERRUPTED

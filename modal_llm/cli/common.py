@@ -16,7 +16,7 @@ import sys
 from typing import Any, Final
 
 from .._client import AsyncClient
-from .._config import ENV_ENDPOINT_URL, Timeout
+from .._config import DEFAULT_MAX_RETRIES, ENV_ENDPOINT_URL, ENV_KEY, ENV_SECRET, Timeout
 from .._exceptions import (
     AuthenticationError,
     ConfigError,
@@ -33,6 +33,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
     "PROG",
@@ -51,9 +52,10 @@ EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 """generate: the request failed; batch: at least one item failed (see OUTPUT)."""
 EXIT_USAGE: Final = 2
-"""Bad arguments, or INPUT/OUTPUT cannot be opened (argparse uses 2 as well)."""
+"""Bad arguments, or INPUT/OUTPUT cannot be read or written (argparse uses 2 as well)."""
 EXIT_CONFIG: Final = 3
-"""Bad or missing endpoint URL, key without secret, or another invalid option."""
+"""Bad or missing endpoint URL, key without secret, another invalid option, or an endpoint
+that does not speak the contract."""
 EXIT_UNREACHABLE: Final = 4
 """The endpoint could not be reached (refused, DNS, TLS, timeout)."""
 EXIT_AUTH: Final = 5
@@ -62,16 +64,19 @@ EXIT_BAD_INPUT: Final = 6
 """batch: some input lines were invalid (and skipped); every valid item succeeded."""
 EXIT_INTERRUPTED: Final = 130
 """Ctrl-C. batch: what finished is in OUTPUT; rerun the same command to resume."""
+EXIT_TERMINATED: Final = 143
+"""SIGTERM (128 + 15): handled as Ctrl-C is."""
 
 EXIT_CODES: Final = {
     EXIT_OK: "success",
     EXIT_FAILED: "the request failed / some batch items failed",
-    EXIT_USAGE: "usage error, or INPUT/OUTPUT cannot be opened",
-    EXIT_CONFIG: "bad or missing endpoint URL or option",
+    EXIT_USAGE: "usage error, or INPUT/OUTPUT cannot be read or written",
+    EXIT_CONFIG: "bad or missing endpoint URL or option, or not a contract endpoint",
     EXIT_UNREACHABLE: "endpoint unreachable",
     EXIT_AUTH: "authentication failed",
     EXIT_BAD_INPUT: "batch: bad input lines (skipped)",
-    EXIT_INTERRUPTED: "interrupted",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_TERMINATED: "terminated (SIGTERM)",
 }
 
 PROG: Final = "modal-llm"
@@ -79,12 +84,16 @@ AUTH_HINT: Final = "set MODAL_LLM_KEY and MODAL_LLM_SECRET, or pass --modal-key/
 
 
 class CliExit(Exception):
-    """End the command with ``code`` after printing ``message`` (one line) to stderr."""
+    """End the command with ``code`` after printing ``message`` (one line) to stderr.
 
-    def __init__(self, code: int, message: str) -> None:
+    ``error=False`` prints ``modal-llm: message`` (an interruption is not an error).
+    """
+
+    def __init__(self, code: int, message: str, *, error: bool = True) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.error = error
 
 
 def one_line(value: object) -> str:
@@ -106,9 +115,10 @@ def error_exit(exc: ModalLLMError) -> CliExit:
     return CliExit(EXIT_FAILED, text)
 
 
-def fail(code: int, message: str) -> int:
-    """Print ``modal-llm: error: message`` on stderr; return ``code``."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+def fail(code: int, message: str, *, error: bool = True) -> int:
+    """Print ``modal-llm: error: message`` (or ``modal-llm: message``) on stderr; return
+    ``code``."""
+    print(f"{PROG}: {'error: ' if error else ''}{message}", file=sys.stderr)
     return code
 
 
@@ -186,7 +196,12 @@ def endpoint_options() -> argparse.ArgumentParser:
         help="connect, first-byte and read timeout (default: the client's, which waits for "
         "cold starts)",
     )
-    add("--max-retries", type=_non_negative_int, metavar="N", help="retries per request")
+    add(
+        "--max-retries",
+        type=_non_negative_int,
+        metavar="N",
+        help=f"retries per request after the first attempt (default: {DEFAULT_MAX_RETRIES})",
+    )
     add(
         "--param",
         type=_param,
@@ -203,6 +218,18 @@ def make_client(args: argparse.Namespace, **options: Any) -> AsyncClient:
     """The client described by the endpoint options in ``args``."""
     if not args.endpoint and not os.environ.get(ENV_ENDPOINT_URL):
         raise CliExit(EXIT_CONFIG, f"no endpoint: pass --endpoint URL or set ${ENV_ENDPOINT_URL}")
+    # The library names its own arguments; on the command line they are options.
+    for given, option, other, env in (
+        (args.modal_key, "--modal-key", args.modal_secret, ENV_SECRET),
+        (args.modal_secret, "--modal-secret", args.modal_key, ENV_KEY),
+    ):
+        if given is not None and other is None and not os.environ.get(env):
+            missing = "--modal-secret" if option == "--modal-key" else "--modal-key"
+            raise CliExit(
+                EXIT_CONFIG,
+                f"{option} was given but not {missing}, and ${env} is not set: pass "
+                f"{missing} or set ${env} (the key and secret must be given together)",
+            )
     if args.timeout is not None:
         options["timeout"] = Timeout(args.timeout)
     return AsyncClient(

@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Final
 
 from .._client import AsyncClient
@@ -82,6 +83,7 @@ async def demo(args: argparse.Namespace) -> int:
                 out.write(piece)
                 out.flush()
             out.write("\n")
+            stream_retries = len(failures)
             if failures:
                 print(f"(the endpoint answered {', '.join(failures)} first; the client retried)")
 
@@ -94,14 +96,15 @@ async def demo(args: argparse.Namespace) -> int:
             results: list[BatchResult] = []
             started = time.perf_counter()
             try:
-                async for result in client.map(prompts, concurrency=args.concurrency):
+                async for result in client.map(prompts):
                     results.append(result)
                     progress.advance(failed=not result.ok)
             finally:
                 progress.close()
             elapsed = time.perf_counter() - started
-        http_requests = app[STATS].posts
-    _summary(results, elapsed, http_requests, args.concurrency)
+        stats = app[STATS]
+        http = _Requests(stats.posts + stats.gets, stream_retries, stats.gets)
+    _summary(results, elapsed, http, args.concurrency)
     return EXIT_OK
 
 
@@ -109,18 +112,41 @@ def _status_of(error: ModalLLMError) -> str:
     return str(error.status_code) if isinstance(error, StatusError) else type(error).__name__
 
 
-def _summary(results: list[BatchResult], elapsed: float, http_requests: int, conc: int) -> None:
+@dataclass(frozen=True)
+class _Requests:
+    """What the endpoint saw: every HTTP request, the stream's retries, the result polls."""
+
+    total: int
+    stream_retries: int
+    polls: int
+
+
+def _summary(results: list[BatchResult], elapsed: float, http: _Requests, conc: int) -> None:
     errors = sum(1 for r in results if not r.ok)
-    retries = sum(max(0, r.attempts - 1) for r in results)
+    batch_retries = sum(max(0, r.attempts - 1) for r in results)
+    retries = http.stream_retries + batch_retries
+    calls = 1 + len(results)
     latencies = sorted(r.latency for r in results)
     sample = next((r for r in results if r.ok), None)
     if sample is not None:
         print(f"\nsample: {sample.prompt!r} -> {sample.text!r}")
+    # Every HTTP request is accounted for: one per call, one per retry, one per poll of a
+    # 303 result URL (a generation that outlasts Modal's 150 s answers with a 303).
+    parts = [
+        f"{calls} calls (1 stream + {len(results)} prompts)",
+        f"{retries} retries ({http.stream_retries} for the stream, {batch_retries} in the batch)",
+    ]
+    if http.polls:
+        parts.append(f"{http.polls} result polls (GET after a 303)")
+    other = http.total - calls - retries - http.polls
+    if other:
+        parts.append(f"{other} other")
     print("\nsummary")
-    print(f"  requests:   {len(results)} prompts, {http_requests} HTTP requests in all")
-    print(f"  errors:     {errors}")
-    print(f"  retries:    {retries} (429/503 answers retried by the client)")
+    print(f"  HTTP requests: {http.total} = " + " + ".join(parts))
+    if retries:
+        print("                 (the endpoint injects 503s and 429s; the client retried them)")
+    print(f"  errors:        {errors}")
     rate = len(results) / elapsed if elapsed > 0 else 0.0
-    print(f"  throughput: {rate:.0f} prompts/s ({elapsed:.2f} s, concurrency {conc})")
+    print(f"  throughput:    {rate:.0f} prompts/s ({elapsed:.2f} s, concurrency {conc})")
     p50, p95 = _percentile(latencies, 0.50), _percentile(latencies, 0.95)
-    print(f"  latency:    p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
+    print(f"  latency:       p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
