@@ -28,6 +28,8 @@ from modal_llm._exceptions import (
     StreamInterruptedError,
 )
 
+from .strategies import any_text, cut_points, line_text, wire_bytes
+
 PROPERTY = settings(max_examples=200, deadline=None)
 
 
@@ -559,11 +561,11 @@ def test_decoder_for_passes_max_buffer() -> None:
 
 # codec="utf-8" leaves out surrogates (not encodable). Line text holds no line end; plain
 # text holds no CR (a line end in SSE) but may hold LF (it becomes a second data line).
-_line_text = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=12)
+_line_text = line_text
 _plain_text = st.text(
     alphabet=st.characters(codec="utf-8", exclude_characters="\r"), max_size=12
 ).filter(lambda t: t[:1] not in ("{", '"') and t != "[DONE]")
-_any_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=12)
+_any_text = any_text
 
 
 @st.composite
@@ -633,7 +635,7 @@ def ndjson_streams(draw: st.DrawFn) -> tuple[bytes, list[str]]:
     return body, expected
 
 
-_points = st.lists(st.integers(min_value=0), max_size=12)
+_points = cut_points(12)
 
 
 @PROPERTY
@@ -682,40 +684,7 @@ def test_property_json_any_chunking_gives_one_piece(text: str, points: list[int]
     assert run(JSONDecoder(), split_at(body, points)) == ([text] if text else [])
 
 
-_FRAGMENTS = [
-    b"data:",
-    b"data: ",
-    b"event: error",
-    b"event: ping",
-    b"id: ",
-    b"retry: 99",
-    b":",
-    b"\n",
-    b"\r",
-    b"\r\n",
-    b"\x1e",
-    b"[DONE]",
-    b"{",
-    b"}",
-    b'"',
-    b'"prompt"',
-    b'"error"',
-    b'"message"',
-    b": ",
-    b"null",
-    b"1",
-    b"[",
-    b"\xef\xbb\xbf",
-    b"\xc3",
-    b"\xa9",
-    b"\xff",
-    b"\x00",
-    b"x",
-]
-_fuzz_bytes = st.one_of(
-    st.binary(max_size=200),
-    st.lists(st.sampled_from(_FRAGMENTS), max_size=40).map(b"".join),
-)
+_fuzz_bytes = wire_bytes(200, 40)
 _CONTENT_TYPES = [
     "text/event-stream",
     "application/x-ndjson",

@@ -51,6 +51,7 @@ from modal_llm._exceptions import redact_url
 from modal_llm._models import parse_reply
 
 from .conftest import MakeEndpoint
+from .strategies import cut_points, line_text, wire_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,47 +86,8 @@ def outcome(decoder: StreamDecoder, chunks: Iterable[bytes]) -> Outcome:
     return pieces, decoder.terminated, None
 
 
-_points = st.lists(st.integers(min_value=0), max_size=16)
-_FRAGMENTS = [
-    b"data:",
-    b"data: ",
-    b"event: error",
-    b"event: ping",
-    b"id: 7",
-    b"retry: 1",
-    b":",
-    b"\n",
-    b"\r\n",
-    b"\r",
-    b"\x1e",
-    b"[DONE]",
-    b"{",
-    b"}",
-    b"[",
-    b"]",
-    b",",
-    b'"',
-    b'"prompt"',
-    b'"error"',
-    b'"message"',
-    b": ",
-    b"null",
-    b"true",
-    b"-1.5e3",
-    b"\\u00e9",
-    b"\\ud800",
-    b"\xef\xbb\xbf",
-    b"\xc3",
-    b"\xa9",
-    b"\xe2\x82",
-    b"\xff\xfe",
-    b"\x00",
-    b"x",
-]
-_bytes = st.one_of(
-    st.binary(max_size=300),
-    st.lists(st.sampled_from(_FRAGMENTS), max_size=60).map(b"".join),
-)
+_points = cut_points(16)
+_bytes = wire_bytes(300, 60)
 
 # -- parse_reply ----------------------------------------------------------------------------------
 
@@ -263,7 +225,7 @@ _CHARSETS = [
     '"utf-16"',
     "'latin-1'",
 ]
-_param_text = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=12)
+_param_text = line_text
 
 
 @st.composite
