@@ -52,7 +52,7 @@ from ._fanout import (
 )
 from ._hooks import AttemptHook
 from ._redirects import next_hop
-from ._retry import send_with_retries
+from ._retry import retry_failed, send_with_retries
 from ._send import Transport
 from ._stop import StopMatcher, normalize_stop
 from ._streaming import StreamState, TextStream, stream_pieces
@@ -442,7 +442,15 @@ class AsyncClient:
         if transport is None or self._loop is not asyncio.get_running_loop():
             transport = self._transport_for_loop()
         call = self._calls.request(prompt, headers, timeout, extra, on_attempt)
-        return await self._run_call(call, partial(self._post_and_follow, transport, call))
+        # As _run_call does, inlined: this is the hot path.
+        with self._scope(call):
+            try:
+                if call.deadline_at is None:
+                    return await self._post_and_follow(transport, call)
+                return await self._before_deadline(call, self._post_and_follow(transport, call))
+            except ModalLLMError as exc:
+                mask_error(exc, self._secrets)
+                raise
 
     def _scope(self, call: Call) -> contextlib.AbstractContextManager[object]:
         """The one place every logical call (unary, stream, resume) starts and ends.
@@ -460,20 +468,36 @@ class AsyncClient:
             try:
                 if call.deadline_at is None:
                     return await run()
-                remaining = call.deadline_at - asyncio.get_running_loop().time()
-                try:
-                    return await asyncio.wait_for(run(), remaining)
-                except asyncio.TimeoutError:
-                    raise deadline_error(call, self._url) from None
+                return await self._before_deadline(call, run())
             except ModalLLMError as exc:
                 mask_error(exc, self._secrets)
                 raise
 
+    async def _before_deadline(self, call: Call, work: Awaitable[T]) -> T:
+        assert call.deadline_at is not None
+        remaining = call.deadline_at - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(work, remaining)
+        except asyncio.TimeoutError:
+            raise deadline_error(call, self._url) from None
+
     async def _post_and_follow(self, transport: Transport, call: Call) -> tuple[Completion, int]:
         """One POST (retried), maybe a 303 chain, one parse: the whole unary call."""
-        loop_time = asyncio.get_running_loop().time
-        send = partial(transport.fetch, "POST", self._url, call.body, call)
-        reply, attempts = await send_with_retries(send, call, self._options.retry, loop_time)
+        url = self._url
+        if call.hooks is None:  # the hot path: attempt 1 inline, the driver only on failure
+            try:
+                reply: Reply | Redirect = await transport.fetch("POST", url, call.body, call, 1)
+                attempts = 1
+            except ModalLLMError as exc:
+                send = partial(transport.fetch, "POST", url, call.body, call)
+                loop_time = asyncio.get_running_loop().time
+                reply, attempts = await retry_failed(
+                    exc, send, call, self._options.retry, loop_time
+                )
+        else:
+            send = partial(transport.fetch, "POST", url, call.body, call)
+            loop_time = asyncio.get_running_loop().time
+            reply, attempts = await send_with_retries(send, call, self._options.retry, loop_time)
         if isinstance(reply, Redirect):
             return await self._follow(reply, call, self._options.max_redirects), attempts
         return self._parse(reply), attempts

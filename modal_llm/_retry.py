@@ -34,7 +34,7 @@ from ._exceptions import (
 if TYPE_CHECKING:
     from ._hooks import CallHooks
 
-__all__ = ["is_retryable", "parse_retry_after", "retry_call", "send_with_retries"]
+__all__ = ["is_retryable", "parse_retry_after", "retry_call", "retry_failed", "send_with_retries"]
 
 log = logging.getLogger("modal_llm")
 
@@ -232,11 +232,24 @@ async def send_with_retries(
     try:
         result = await send(1)
     except ModalLLMError as exc:
-        first_error = exc
-    else:
-        if hooks is not None:
-            hooks.emit(call.sent, result.status, None, elapsed=clock() - started)
-        return result, 1
+        return await retry_failed(exc, send, call, policy, clock, started)
+    if hooks is not None:
+        hooks.emit(call.sent, result.status, None, elapsed=clock() - started)
+    return result, 1
+
+
+async def retry_failed(
+    first_error: ModalLLMError,
+    send: Callable[[int], Awaitable[R]],
+    call: _CallState,
+    policy: RetryPolicy,
+    clock: Callable[[], float],
+    started: float = 0.0,
+) -> tuple[R, int]:
+    """``send_with_retries`` once attempt 1 failed with ``first_error`` (which began at
+    ``started``). A hot path without hooks makes its first attempt inline and calls this
+    only on failure, so a request that succeeds costs nothing here."""
+    hooks = call.hooks
     mask_error(first_error, call.secrets)
     if policy.max_retries == 0 or not is_retryable(first_error, policy):
         first_error.attempts = 1

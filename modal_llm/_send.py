@@ -258,12 +258,10 @@ class Transport:
         self.cap = options.max_reply_bytes
         self.closed = False
 
-    async def _acquire(self, call: Call, url: str) -> asyncio.Semaphore:
-        """Take a concurrency slot, waiting at most ``call.pool`` seconds."""
+    async def _acquire_within(self, call: Call, url: str) -> asyncio.Semaphore:
+        """Take a concurrency slot, waiting at most ``call.pool`` seconds (not None)."""
         slot = self.slot
-        if call.pool is None or not slot.locked():
-            await slot.acquire()
-            return slot
+        assert call.pool is not None
         try:
             await asyncio.wait_for(slot.acquire(), call.pool)
         except asyncio.TimeoutError:
@@ -294,7 +292,11 @@ class Transport:
         if attempt != 1:
             headers = {**headers, ATTEMPT_HEADER: str(attempt)}
         call.sent += 1
-        slot = await self._acquire(call, url)
+        slot = self.slot  # a concurrency slot, waiting at most Timeout.pool for it
+        if call.pool is None or not slot.locked():
+            await slot.acquire()
+        else:
+            await self._acquire_within(call, url)
         errors = ErrorMap(self, url)
         resp: aiohttp.ClientResponse | None = None
         # The first-byte clock starts once we hold a slot: queueing is not the endpoint's.
