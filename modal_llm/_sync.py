@@ -10,7 +10,6 @@ running one (a Jupyter cell) and from many threads sharing one connection pool.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import sys
 import threading
@@ -57,12 +56,38 @@ _WAIT_SLICE: Final = 0.25 if sys.platform == "win32" else None
 _CLOSED_MESSAGE: Final = "Cannot use a closed client; create a new one."
 
 
-def _wait_for_result(future: concurrent.futures.Future[T]) -> T:
-    """Block until ``future`` settles; the one place a Ctrl-C reaches a waiting caller."""
-    if _WAIT_SLICE is not None:
-        while not future.done():
-            concurrent.futures.wait([future], timeout=_WAIT_SLICE)
-    return future.result()
+def _wait_for_result(job: _Job) -> None:
+    """Block until the loop has settled ``job``; the one place a Ctrl-C reaches a caller."""
+    if _WAIT_SLICE is None:
+        job.done.acquire()
+        return
+    while not job.done.acquire(timeout=_WAIT_SLICE):
+        pass
+
+
+class _Job:
+    """One blocking call on its way through the loop: what to run, and its outcome."""
+
+    __slots__ = ("args", "done", "error", "fn", "kwargs", "result", "task")
+
+    def __init__(self, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.done = threading.Lock()
+        self.done.acquire()  # released once, by finish(), when the outcome is known
+
+    def finish(self) -> None:
+        self.fn = self.args = self.kwargs = None  # type: ignore[assignment]
+        self.done.release()
+
+    def cancel(self) -> None:
+        """On the loop: Ctrl-C in the caller (its task exists: it was queued first)."""
+        if self.task is not None:
+            self.task.cancel()
 
 
 class _LoopThread:
@@ -77,6 +102,9 @@ class _LoopThread:
         self.closed = False
         # Held while submitting and while closing, so no call is queued behind loop.stop().
         self._submit = threading.Lock()
+        self._queue: list[_Job] = []  # calls submitted, not yet started on the loop
+        self._wake_scheduled = False  # a _start_queued is on its way to the loop
+        self._finished: list[_Job] = []  # settled on the loop, callers not yet woken
         self._thread = threading.Thread(target=self._run, name="modal-llm-loop", daemon=True)
         self._thread.start()
 
@@ -94,6 +122,13 @@ class _LoopThread:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
+                with self._submit:
+                    queued = list(self._queue)
+                    self._queue.clear()
+                for job in queued:  # submitted just before close(): never started
+                    job.error = asyncio.CancelledError()
+                    job.finish()
+                self._release_finished()
 
     @property
     def in_loop_thread(self) -> bool:
@@ -107,27 +142,68 @@ class _LoopThread:
         """
         if self.in_loop_thread:  # it would wait for itself forever
             raise RuntimeError("a blocking Client call cannot run on the client's own loop")
-        unwound = threading.Event()
-
-        async def run() -> T:
-            try:
-                return await fn(*args, **kwargs)
-            finally:
-                unwound.set()
-
+        job = _Job(fn, args, kwargs)
         with self._submit:
             if self.closed:
                 raise ClientClosedError(_CLOSED_MESSAGE)
-            future = asyncio.run_coroutine_threadsafe(run(), self.loop)
+            self._queue.append(job)
+            if not self._wake_scheduled:
+                self._wake_scheduled = True
+                self.loop.call_soon_threadsafe(self._start_queued)
         try:
-            return _wait_for_result(future)
+            _wait_for_result(job)
         except KeyboardInterrupt:
-            future.cancel()
-            unwound.wait(CANCEL_GRACE)
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self.loop.call_soon_threadsafe(job.cancel)
+            job.done.acquire(timeout=CANCEL_GRACE)
             raise
-        except concurrent.futures.CancelledError:
+        error = job.error
+        if error is None:
+            return job.result  # type: ignore[no-any-return]
+        if isinstance(error, asyncio.CancelledError):
             # Only close() cancels tasks behind a caller's back.
             raise ClientClosedError("the client was closed while this call was running") from None
+        job.error = None  # no reference cycle through the traceback
+        raise error
+
+    # Hand-offs are batched both ways: callers queue their calls and only the first of a
+    # batch wakes the loop (call_soon_threadsafe writes to the loop's self-pipe); finished
+    # calls wake their callers once per loop iteration, after the loop has done the work
+    # that was ready. Waking a blocked thread while holding the GIL is the costly part of
+    # a hand-off, and this is what keeps it off the loop's critical path.
+
+    def _start_queued(self) -> None:
+        """On the loop: start a task for every queued call (one wake-up per batch)."""
+        with self._submit:
+            self._wake_scheduled = False
+            jobs = list(self._queue)
+            self._queue.clear()
+            closing = self.closed
+        loop = self.loop
+        for job in jobs:
+            if closing:
+                job.error = asyncio.CancelledError()
+                job.finish()
+            else:
+                job.task = loop.create_task(self._run_job(job))
+
+    async def _run_job(self, job: _Job) -> None:
+        try:
+            job.result = await job.fn(*job.args, **job.kwargs)
+        except BaseException as exc:
+            job.error = exc
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+        finally:
+            self._finished.append(job)
+            if len(self._finished) == 1:
+                self.loop.call_soon(self._release_finished)
+
+    def _release_finished(self) -> None:
+        """On the loop (or after it closed): wake the callers of every finished call."""
+        jobs, self._finished = self._finished, []
+        for job in jobs:
+            job.finish()
 
     def stop(self, client: AsyncClient) -> None:
         """Close ``client`` and every task in the loop, stop the loop and join the thread."""

@@ -114,6 +114,28 @@ def test_sixteen_threads_share_one_client_and_pool(endpoint: ThreadedEndpoint) -
     assert len(endpoint.peers) <= 16  # 32 calls reused the pool's connections
 
 
+def test_threads_each_get_their_own_outcome_when_calls_settle_together(
+    endpoint: ThreadedEndpoint,
+) -> None:
+    # 48 calls from 24 threads, gated so they settle in batches: results and errors are
+    # handed back to their own callers, never swapped within a batch.
+    endpoint.gate_at = 24
+    prompts = [f"gate: {i}" if i % 3 else f"fail: {i}" for i in range(48)]
+
+    def call(prompt: str) -> str:
+        try:
+            return client.generate(prompt)
+        except StatusError as exc:
+            return f"{prompt} -> {exc.status_code}"
+
+    with (
+        Client(endpoint.url, max_concurrency=24) as client,
+        concurrent.futures.ThreadPoolExecutor(24) as pool,
+    ):
+        results = list(pool.map(call, prompts))
+    assert results == [f"{p} :: {{}}" if i % 3 else f"{p} -> 422" for i, p in enumerate(prompts)]
+
+
 def test_generate_many_runs_under_the_limit(endpoint: ThreadedEndpoint) -> None:
     endpoint.gate_at = 4
     with Client(endpoint.url, max_concurrency=4) as client:
