@@ -170,6 +170,24 @@ async def test_mid_stream_drop_raises_with_partial_text(make_endpoint: MakeEndpo
     assert len(seen.bodies) == 1  # never replayed after a piece reached the caller
 
 
+async def test_partial_text_of_a_long_stream_is_every_piece_in_order(
+    make_endpoint: MakeEndpoint,
+) -> None:
+    # The client keeps what it delivered compactly (joined every so many pieces): the
+    # text carried by the error is still exactly the pieces, in order.
+    words = [f"w{i} " for i in range(300)]
+    url = await make_endpoint(
+        streaming("text/event-stream", sse(*words, done=False), drop_at_end=True)
+    )
+    got: list[str] = []
+    async with AsyncClient(url, retry=NO_WAIT) as c:
+        with pytest.raises(StreamInterruptedError, match="after 300 pieces") as info:
+            async for piece in c.stream("hi"):
+                got.append(piece)
+    assert got == words
+    assert info.value.partial_text == "".join(words)
+
+
 async def test_sse_without_done_is_not_complete(make_endpoint: MakeEndpoint) -> None:
     url = await make_endpoint(streaming("text/event-stream", sse("a", "b", done=False)))
     async with AsyncClient(url) as c:
