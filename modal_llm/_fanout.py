@@ -145,7 +145,7 @@ class RateLimiter:
         # Cancelled bookings not yet given back, keyed by the `_next` each one set: a
         # booking is given back once every booking after it is (the tail of the clock).
         self._returned: dict[float, float | None] = {}
-        self._booked: tuple[float | None, float] = (None, 0.0)
+        self._booked: tuple[float | None, float] | None = None
 
     def __repr__(self) -> str:
         return f"RateLimiter(rate={self.rate:g}, burst={self.burst})"
@@ -162,15 +162,21 @@ class RateLimiter:
 
     async def acquire(self) -> None:
         """Wait for this request's slot. A cancelled wait gives the slot back if it can."""
+        self._take_booking()
         delay = self.reserve()
+        booked = self._take_booking()  # None if a subclass's reserve() did not book with ours
         if delay <= 0:
             return
-        before, after = self._booked
         try:
             await asyncio.sleep(delay)
         except asyncio.CancelledError:
-            self._give_back(before, after)
+            if booked is not None:
+                self._give_back(*booked)
             raise
+
+    def _take_booking(self) -> tuple[float | None, float] | None:
+        booked, self._booked = self._booked, None
+        return booked
 
     def _give_back(self, before: float | None, after: float) -> None:
         returned = self._returned
