@@ -53,6 +53,7 @@ from aiohttp import web
 from modal_llm import (
     AsyncClient,
     AttemptEvent,
+    BatchItem,
     Client,
     ConnectError,
     EndpointTimeoutError,
@@ -526,8 +527,6 @@ class _Run:
         await asyncio.gather(*(worker() for _ in range(self.config.async_workers)))
 
     async def _map(self, client: AsyncClient, jobs: list[int]) -> None:
-        from modal_llm._fanout import BatchItem
-
         items = [BatchItem(prompt_of(job), id=job) for job in jobs]
         try:
             async for result in client.map(items, concurrency=8):

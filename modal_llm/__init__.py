@@ -46,8 +46,9 @@ from ._exceptions import (
     StreamInterruptedError,
     TransportError,
 )
-from ._fanout import AdaptiveConcurrency, BatchItem, BatchResult, RateLimiter
+from ._fanout import BatchItem, BatchResult
 from ._hooks import AttemptEvent, AttemptHook
+from ._pacing import AdaptiveConcurrency, RateLimiter
 from ._run import run
 from ._streaming import TextStream
 from ._sync import Client

@@ -40,17 +40,15 @@ from ._exceptions import (
     redact_url,
 )
 from ._fanout import (
-    AdaptiveConcurrency,
-    AttemptObserver,
     BatchItem,
     BatchResult,
     FanOutPlan,
     ProgressCallback,
     PromptLike,
-    RateLimiter,
     fan_out,
 )
 from ._hooks import AttemptHook
+from ._pacing import AdaptiveConcurrency, RateLimiter
 from ._redirects import next_hop
 from ._retry import retry_failed, send_with_retries
 from ._send import Transport
@@ -372,7 +370,7 @@ class AsyncClient:
         stops = normalize_stop(stop)
         complete = self._complete
 
-        async def send(item: BatchItem, on_attempt: AttemptObserver | None) -> tuple[str, int]:
+        async def send(item: BatchItem, on_attempt: AttemptHook | None) -> tuple[str, int]:
             body = {**extra, **item.extra} if item.extra else extra
             completion, attempts = await complete(
                 item.prompt, headers, timeout, body, on_attempt=on_attempt

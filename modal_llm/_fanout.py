@@ -15,16 +15,12 @@ attempts reach the limit through that item's own ``on_attempt`` observer.
 from __future__ import annotations
 
 import asyncio
-import math
-import time
-from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
-    Collection,
     Hashable,
     Iterable,
     Iterator,
@@ -33,28 +29,25 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
-from ._exceptions import ConfigError, ModalLLMError, StatusError
+from ._exceptions import ConfigError, ModalLLMError
+from ._hooks import AttemptEvent, AttemptHook
+from ._pacing import AdaptiveConcurrency, RateLimiter
 from ._progress import Progress
 
 __all__ = [
-    "AdaptiveConcurrency",
-    "AttemptOutcome",
     "BatchItem",
     "BatchResult",
     "FanOutPlan",
-    "RateLimiter",
+    "ProgressCallback",
+    "PromptLike",
     "Send",
     "fan_out",
 ]
 
 DEFAULT_WINDOW_FACTOR: Final = 2
 """The default ``window`` is this many times the concurrency."""
-DEFAULT_DECREASE: Final = 0.7
-"""AIMD cut on 429/503. Gentler than halving: the cut happens at most once per window,
-and halving on every error is known to collapse throughput (aibrix PR #2452)."""
-DEFAULT_CONGESTION_STATUSES: Final = frozenset({429, 503})
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,18 +69,7 @@ ProgressCallback = Callable[[int, int | None, int], None]
 """``on_progress(done, total_or_None, failed)``, called after each result."""
 
 
-class AttemptOutcome(Protocol):
-    """What fan-out reads of one attempt's event (the client's ``AttemptEvent``)."""
-
-    @property
-    def error(self) -> ModalLLMError | None:
-        """The attempt's error; None when it succeeded."""
-        ...
-
-
-AttemptObserver = Callable[[AttemptOutcome], None]
-"""Called with every attempt event of one logical call (sync, on the loop)."""
-Send = Callable[[BatchItem, AttemptObserver | None], Awaitable[tuple[str, int]]]
+Send = Callable[[BatchItem, AttemptHook | None], Awaitable[tuple[str, int]]]
 """``await send(item, on_attempt)``: one logical call for ``item``; returns ``(text,
 attempts)`` or raises ``ModalLLMError``. ``on_attempt``, when not None, must see every
 attempt of that call (``AsyncClient._complete(..., on_attempt=...)``)."""
@@ -115,207 +97,6 @@ class BatchResult:
     def ok(self) -> bool:
         """True when the item produced text."""
         return self.error is None
-
-
-class RateLimiter:
-    """At most ``rate`` requests per second on average, in bursts of at most ``burst``.
-
-    A reservation clock (GCRA): each ``acquire()`` books the next free slot and sleeps
-    until it, once; nothing polls. Share one instance between calls to pace them together.
-    ``map`` books a slot only for a request it is about to send, and a wait that is
-    cancelled gives its slot back when no later slot was booked after it (so closing a
-    map early leaves the budget to the others). ``clock`` (seconds, monotonic) is for
-    tests of ``reserve()``.
-    """
-
-    def __init__(
-        self, rate: float, *, burst: int = 1, clock: Callable[[], float] | None = None
-    ) -> None:
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)):
-            raise ConfigError(f"rate must be a number of requests per second, not {rate!r}")
-        if not (rate > 0 and math.isfinite(rate)):
-            raise ConfigError(f"rate must be > 0 requests per second, not {rate!r}")
-        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
-            raise ConfigError(f"burst must be an int >= 1, not {burst!r}")
-        self.rate = float(rate)
-        self.burst = burst
-        self._interval = 1.0 / self.rate
-        self._clock = clock if clock is not None else time.monotonic
-        self._next: float | None = None  # theoretical time of the next request
-        # Cancelled bookings not yet given back, keyed by the `_next` each one set: a
-        # booking is given back once every booking after it is (the tail of the clock).
-        self._returned: dict[float, float | None] = {}
-        self._booked: tuple[float | None, float] | None = None
-
-    def __repr__(self) -> str:
-        return f"RateLimiter(rate={self.rate:g}, burst={self.burst})"
-
-    def reserve(self) -> float:
-        """Book one request; return how many seconds to wait before sending it."""
-        now = self._clock()
-        before = self._next
-        due = now if before is None else max(before, now)
-        self._next = after = due + self._interval
-        self._booked = (before, after)  # read by acquire() right away, before any await
-        allowed_at = due - (self.burst - 1) * self._interval
-        return max(0.0, allowed_at - now)
-
-    async def acquire(self) -> None:
-        """Wait for this request's slot. A cancelled wait gives the slot back if it can."""
-        self._take_booking()
-        delay = self.reserve()
-        booked = self._take_booking()  # None if a subclass's reserve() did not book with ours
-        if delay <= 0:
-            return
-        try:
-            await asyncio.sleep(delay)
-        except asyncio.CancelledError:
-            if booked is not None:
-                self._give_back(*booked)
-            raise
-
-    def _take_booking(self) -> tuple[float | None, float] | None:
-        booked, self._booked = self._booked, None
-        return booked
-
-    def _give_back(self, before: float | None, after: float) -> None:
-        returned = self._returned
-        returned[after] = before
-        # Unwind the tail: the last booking, then the one before it if it was given back too.
-        while self._next in returned:
-            self._next = returned.pop(self._next)
-        if returned:  # bookings in the middle of the clock: stale once their time passed
-            now = self._clock()
-            for key in [k for k in returned if k <= now]:
-                del returned[key]
-
-
-class AdaptiveConcurrency:
-    """An AIMD limit on requests in flight, shared by all workers that use it.
-
-    On a 429 or 503 (any attempt, before its retry) the limit is multiplied by ``decrease``
-    (at least -1, never below ``minimum``); failures of requests that were already in
-    flight at the last cut are ignored, so the limit drops at most once per window of
-    requests. After ``limit`` successful completions in a row without a 429/503, it grows
-    by ``increase``, up to ``maximum``.
-
-    Usage::
-
-        limiter = AdaptiveConcurrency(32)
-        async for result in client.map(prompts, adaptive=limiter):
-            ...
-        print(limiter.limit, limiter.lowest)
-    """
-
-    def __init__(
-        self,
-        maximum: int,
-        *,
-        minimum: int = 1,
-        initial: int | None = None,
-        decrease: float = DEFAULT_DECREASE,
-        increase: int = 1,
-        statuses: Collection[int] = DEFAULT_CONGESTION_STATUSES,
-    ) -> None:
-        for name, value in (("maximum", maximum), ("minimum", minimum), ("increase", increase)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1, not {value!r}")
-        if minimum > maximum:
-            raise ConfigError(f"minimum ({minimum}) must not exceed maximum ({maximum})")
-        if initial is None:
-            initial = maximum
-        if isinstance(initial, bool) or not isinstance(initial, int):
-            raise ConfigError(f"initial must be an int, not {initial!r}")
-        if not minimum <= initial <= maximum:
-            raise ConfigError(f"initial must be between {minimum} and {maximum}, not {initial}")
-        if isinstance(decrease, bool) or not isinstance(decrease, (int, float)):
-            raise ConfigError(f"decrease must be a number, not {decrease!r}")
-        if not 0.0 < decrease < 1.0:
-            raise ConfigError(f"decrease must be between 0 and 1 (exclusive), not {decrease!r}")
-        self.maximum = maximum
-        self.minimum = minimum
-        self.decrease = float(decrease)
-        self.increase = increase
-        self.statuses = frozenset(statuses)
-        self.lowest = initial
-        """The lowest limit reached so far."""
-        self.decreases = 0
-        self.increases = 0
-        self._limit = initial
-        self._in_flight = 0
-        self._clean = 0
-        self._issued = 0  # tickets handed out: a ticket orders a request against the last cut
-        self._cut_at = 0  # requests with a ticket below this were in flight at the last cut
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    def __repr__(self) -> str:
-        return (
-            f"AdaptiveConcurrency(limit={self._limit}, maximum={self.maximum}, "
-            f"in_flight={self._in_flight})"
-        )
-
-    @property
-    def limit(self) -> int:
-        """How many requests may be in flight now."""
-        return self._limit
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    def is_congestion(self, error: BaseException) -> bool:
-        """Whether ``error`` says the endpoint is saturated (by default 429 or 503)."""
-        return isinstance(error, StatusError) and error.status_code in self.statuses
-
-    async def acquire(self) -> int:
-        """Wait until a request may start; return its ticket (pass it to ``on_congestion``)."""
-        while self._in_flight >= self._limit:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                elif not waiter.cancelled():
-                    self._wake()  # we were woken but leave: pass the turn on
-                raise
-        self._in_flight += 1
-        self._issued += 1
-        return self._issued - 1
-
-    def release(self, *, success: bool) -> None:
-        """End a request; a success counts towards growing the limit."""
-        self._in_flight -= 1
-        if success:
-            self._clean += 1
-            if self._clean >= self._limit and self._limit < self.maximum:
-                self._limit = min(self.maximum, self._limit + self.increase)
-                self._clean = 0
-                self.increases += 1
-        self._wake()
-
-    def on_congestion(self, ticket: int) -> bool:
-        """Record a 429/503 for the request holding ``ticket``; return True if the limit fell."""
-        self._clean = 0
-        if ticket < self._cut_at:
-            return False  # it was already in flight when we last cut: same window
-        self._cut_at = self._issued
-        new = max(self.minimum, min(self._limit - 1, math.floor(self._limit * self.decrease)))
-        if new == self._limit:
-            return False
-        self._limit = new
-        self.lowest = min(self.lowest, new)
-        self.decreases += 1
-        return True
-
-    def _wake(self) -> None:
-        free = self._limit - self._in_flight
-        while free > 0 and self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                free -= 1
 
 
 class _Crash:
@@ -535,7 +316,7 @@ def fan_out(
     return _run(send, source, plan, total)
 
 
-def _congestion_hook(limiter: AdaptiveConcurrency, ticket: int, event: AttemptOutcome) -> None:
+def _congestion_hook(limiter: AdaptiveConcurrency, ticket: int, event: AttemptEvent) -> None:
     """One item's attempt observer: a 429/503 on any of its attempts may cut the limit."""
     error = event.error
     if error is not None and limiter.is_congestion(error):
@@ -551,7 +332,7 @@ async def _run(
     limiter = plan.limiter
     rate = plan.rate
 
-    async def one(index: int, item: BatchItem, on_attempt: AttemptObserver | None) -> BatchResult:
+    async def one(index: int, item: BatchItem, on_attempt: AttemptHook | None) -> BatchResult:
         ident: Hashable = index if item.id is None else item.id
         if rate is not None:
             await rate.acquire()  # booked only now: a budget is spent on requests sent

@@ -27,13 +27,8 @@ from ._config import (
     UseClientDefault,
 )
 from ._exceptions import ClientClosedError, ModalLLMError, redact_url
-from ._fanout import (
-    AdaptiveConcurrency,
-    BatchResult,
-    ProgressCallback,
-    PromptLike,
-    RateLimiter,
-)
+from ._fanout import BatchResult, ProgressCallback, PromptLike
+from ._pacing import AdaptiveConcurrency, RateLimiter
 from ._types import HeaderTypes, StopTypes
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Fan-out (``modal_llm._fanout``) against real HTTP on 127.0.0.1.
+"""Fan-out (``modal_llm._fanout``, ``_pacing``) against real HTTP on 127.0.0.1.
 
 The reference endpoint covers the healthy and the 429 cases; small inline aiohttp apps
 cover requests that block until the test releases them, so that ordering, windows and
@@ -18,12 +18,15 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from modal_llm import AsyncClient, ConfigError, RetryPolicy, StatusError
-from modal_llm._fanout import (
+from modal_llm import (
     AdaptiveConcurrency,
+    AsyncClient,
     BatchItem,
     BatchResult,
+    ConfigError,
     RateLimiter,
+    RetryPolicy,
+    StatusError,
 )
 from modal_llm.server import STATS, ServerConfig, create_app, serve, toy_generate
 
