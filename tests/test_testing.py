@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from modal_llm import (
     AsyncClient,
@@ -26,8 +27,11 @@ from modal_llm import (
 )
 from modal_llm.server import INTERNAL_ERROR, MISSING_CREDENTIALS, toy_generate
 from modal_llm.testing import (
+    FaultConfig,
+    FaultProxy,
     LocalEndpoint,
     ServerConfig,
+    ServerThread,
     StreamReply,
     local_endpoint,
 )
@@ -383,3 +387,30 @@ def test_support_code_depends_one_way() -> None:
             if local.split(".")[-1].startswith("test_"):
                 bad.append((path.name, module))
     assert bad == []
+
+
+async def test_fault_proxy_in_front_of_a_local_endpoint() -> None:
+    """docs/testing.md's FaultProxy example."""
+    async with local_endpoint() as endpoint:
+        faults = FaultConfig(schedule=["reset", "none"])
+        async with FaultProxy(endpoint.host, endpoint.port, faults) as proxy:
+            async with AsyncClient(proxy.url, retry=NO_WAIT) as client:
+                assert await client.generate("hi") == toy_generate("hi")
+            assert proxy.counts["reset"] == 1
+        assert endpoint.stats.posts == 1  # the reset exchange never reached it
+
+
+def test_server_thread_serves_any_app() -> None:
+    """docs/testing.md's ServerThread example."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"prompt": "always this"})
+
+    app = web.Application()
+    app.router.add_post("/", handler)
+    with ServerThread(app) as server, Client(server.url) as client:
+        assert client.generate("anything") == "always this"
+        assert server.call(lambda: asyncio.get_running_loop() is server.loop)
+    assert not server.running and server.loop is None
+    with pytest.raises(RuntimeError, match="not running"):
+        server.submit(asyncio.sleep(0))
