@@ -30,7 +30,7 @@ from modal_llm import (
 )
 from modal_llm.server import STATS, ServerConfig, create_app, serve, toy_generate
 
-from .conftest import NO_WAIT
+from .conftest import NO_WAIT, MakeEndpoint
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -571,3 +571,19 @@ def test_importing_modal_llm_does_not_import_tqdm() -> None:
         check=True,
     ).stdout
     assert json.loads(out) is False
+
+
+async def test_map_yields_batch_results(make_endpoint: MakeEndpoint) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["prompt"] == "bad":
+            return web.Response(status=400, text="no")
+        return web.json_response({"prompt": body["prompt"].upper() + str(body.get("n", ""))})
+
+    items = ["a", {"prompt": "b", "id": "x", "n": 2}, "bad"]
+    async with AsyncClient(await make_endpoint(handler), retry=NO_WAIT) as c:
+        results = [r async for r in c.map(iter(items), ordered=True)]
+    assert [r.text for r in results] == ["A", "B2", None]
+    assert [r.id for r in results] == [0, "x", 2]
+    assert isinstance(results[2].error, StatusError)
+    assert results[0].attempts == 1

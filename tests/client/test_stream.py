@@ -22,7 +22,7 @@ from modal_llm import (
     Timeout,
 )
 
-from .conftest import NO_WAIT, MakeEndpoint
+from ..conftest import NO_WAIT, MakeEndpoint
 
 Writer = Callable[[web.StreamResponse], Awaitable[None]]
 

@@ -2,7 +2,7 @@
 
 aioresponses 0.7.9 cannot build a *response* under aiohttp 3.14 (``ClientResponse`` now
 requires ``stream_writer``), so it scripts only the exceptions here; replies are tested
-against real loopback servers in test_client.py.
+against real loopback servers in the other tests of tests/client/
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from aioresponses import aioresponses
 
 from modal_llm import AsyncClient, ConnectError, EndpointTimeoutError
 
-from .conftest import NO_WAIT
+from ..conftest import NO_WAIT
 
 URL = "https://me--llm-web.modal.run/"
 

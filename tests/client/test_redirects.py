@@ -1,0 +1,128 @@
+"""Modal's 303 result-URL chain: GET polls, hop budgets, resume, credentials per origin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from modal_llm import (
+    AsyncClient,
+    ConfigError,
+    RedirectError,
+    ResultPendingError,
+)
+
+from ..conftest import NO_WAIT, MakeEndpoint
+from .helpers import KEY, SECRET, Recorder, reply
+
+
+def result_chain(hops: int, rec: Recorder, work: list[int], fail_poll: int = 0) -> Any:
+    """A Modal-like endpoint: POST answers 303; each GET answers 303 until ``hops`` polls."""
+    polls = {"n": 0, "failed": 0}
+
+    async def handler(request: web.Request) -> web.Response:
+        await rec.record(request)
+        if request.method == "POST":
+            work.append(1)  # the GPU work starts exactly here
+            raise web.HTTPSeeOther(location="/gen?__modal_function_call_id=fc-01ABC")
+        assert request.query["__modal_function_call_id"] == "fc-01ABC"
+        if polls["failed"] < fail_poll:
+            polls["failed"] += 1
+            return web.Response(status=503, text="modal-http: poll failed")
+        polls["n"] += 1
+        if polls["n"] < hops:
+            raise web.HTTPSeeOther(location="/gen?__modal_function_call_id=fc-01ABC")
+        return reply("slow result")
+
+    return handler
+
+
+async def test_303_chain_is_followed_with_get_and_post_sent_once(
+    make_endpoint: MakeEndpoint,
+) -> None:
+    rec, work = Recorder(), []
+    url = await make_endpoint(result_chain(12, rec, work), path="/gen")
+    async with AsyncClient(url, modal_key=KEY, modal_secret=SECRET) as c:
+        assert await c.generate("long job") == "slow result"
+    assert rec.posts == 1
+    assert len(work) == 1
+    assert rec.gets == 12  # beyond aiohttp's default of 10 redirects
+    # Same origin: the credentials follow the chain.
+    assert all(h.get("Modal-Key") == KEY for h in rec.headers)
+
+
+async def test_failed_poll_is_retried_as_a_poll(make_endpoint: MakeEndpoint) -> None:
+    rec, work = Recorder(), []
+    url = await make_endpoint(result_chain(2, rec, work, fail_poll=2), path="/gen")
+    async with AsyncClient(url, retry=NO_WAIT) as c:
+        assert await c.generate("long job") == "slow result"
+    assert rec.posts == 1
+    assert len(work) == 1
+    assert rec.gets == 4  # 2 failed polls + 2 successful hops
+
+
+async def test_hops_run_out_then_resume(make_endpoint: MakeEndpoint) -> None:
+    rec, work = Recorder(), []
+    url = await make_endpoint(result_chain(6, rec, work), path="/gen")
+    async with AsyncClient(url, max_redirects=3) as c:
+        with pytest.raises(ResultPendingError) as info:
+            await c.generate("long job")
+        result_url = info.value.result_url
+        assert "__modal_function_call_id=fc-01ABC" in result_url
+        assert "fc-01ABC" in str(info.value)
+        completion = await c.resume(result_url)
+    assert completion.text == "slow result"
+    assert rec.posts == 1 and len(work) == 1
+
+
+async def test_resume_has_its_own_hop_budget(make_endpoint: MakeEndpoint) -> None:
+    rec, work = Recorder(), []
+    url = await make_endpoint(result_chain(12, rec, work), path="/gen")
+    async with AsyncClient(url, max_redirects=2) as c:
+        with pytest.raises(ResultPendingError) as info:
+            await c.generate("long job")
+        with pytest.raises(ResultPendingError) as again:  # the client's budget: 2 more hops
+            await c.resume(info.value.result_url)
+        assert again.value.hops == 2
+        completion = await c.resume(again.value.result_url, max_redirects=20)
+        with pytest.raises(ConfigError, match="max_redirects"):
+            await c.resume(again.value.result_url, max_redirects=0)
+    assert completion.text == "slow result"
+    assert rec.posts == 1 and len(work) == 1
+
+
+async def test_cross_origin_redirect_gets_no_credentials(make_endpoint: MakeEndpoint) -> None:
+    other = Recorder()
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        await other.record(request)
+        return reply("from elsewhere")
+
+    other_url = await make_endpoint(elsewhere, path="/result")
+
+    async def origin(request: web.Request) -> web.Response:
+        raise web.HTTPSeeOther(location=other_url + "?__modal_function_call_id=fc-x")
+
+    url = await make_endpoint(origin)
+    async with AsyncClient(
+        url, modal_key=KEY, modal_secret=SECRET, headers={"Authorization": "Bearer wk.ws"}
+    ) as c:
+        assert await c.generate("hi") == "from elsewhere"
+    seen = {k.lower() for k in other.headers[0]}
+    assert not {"modal-key", "modal-secret", "authorization"} & seen
+    assert other.gets == 1
+
+
+async def test_307_is_not_followed(make_endpoint: MakeEndpoint) -> None:
+    rec = Recorder()
+
+    async def handler(request: web.Request) -> web.Response:
+        await rec.record(request)
+        raise web.HTTPTemporaryRedirect(location="/elsewhere")
+
+    async with AsyncClient(await make_endpoint(handler)) as c:
+        with pytest.raises(RedirectError, match="re-send the prompt"):
+            await c.generate("hi")
+    assert rec.posts == 1
