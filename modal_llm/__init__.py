@@ -48,6 +48,7 @@ from ._exceptions import (
 )
 from ._fanout import BatchItem, BatchResult
 from ._hooks import AttemptEvent, AttemptHook
+from ._logs import setup_logging as _setup_logging
 from ._pacing import AdaptiveConcurrency, RateLimiter
 from ._run import run
 from ._streaming import TextStream
@@ -99,6 +100,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ._models import Completion
+
+_setup_logging()  # MODAL_LLM_LOG=info|debug, like OPENAI_LOG
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,8 @@ from ._hooks import AttemptHook, EventHooks, check_hooks
 
 if TYPE_CHECKING:
     import aiohttp
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
 
 __all__ = [
     "DEFAULT_MAX_CONCURRENCY",
@@ -263,6 +265,9 @@ class ClientSettings(TypedDict, total=False):
     stream_require_done: bool
     connection_limit: int | None
     event_hooks: EventHooks | None
+    tracer_provider: TracerProvider | None
+    meter_provider: MeterProvider | None
+    capture_content: bool
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token
@@ -435,6 +440,11 @@ class ClientOptions:
     stream_require_done: bool = True
     connection_limit: int = DEFAULT_MAX_CONCURRENCY
     event_hooks: dict[str, tuple[AttemptHook, ...]] = field(default_factory=dict)
+    tracer_provider: TracerProvider | None = None
+    """OpenTelemetry: None uses the global provider (see docs/observability.md)."""
+    meter_provider: MeterProvider | None = None
+    capture_content: bool = False
+    """Record prompts and replies on spans (off: they may hold personal data)."""
 
     def __repr__(self) -> str:
         from ._exceptions import redact_url
@@ -517,6 +527,19 @@ class ClientOptions:
         stream_flag = kw.get("stream_flag", DEFAULT_STREAM_FLAG)
         if stream_flag is not None and (not isinstance(stream_flag, str) or not stream_flag):
             raise ConfigError(f"stream_flag must be a non-empty str or None, not {stream_flag!r}")
+        tracer_provider = kw.get("tracer_provider")
+        if tracer_provider is not None and not hasattr(tracer_provider, "get_tracer"):
+            raise ConfigError(
+                f"tracer_provider must be an OpenTelemetry TracerProvider, not {tracer_provider!r}"
+            )
+        meter_provider = kw.get("meter_provider")
+        if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
+            raise ConfigError(
+                f"meter_provider must be an OpenTelemetry MeterProvider, not {meter_provider!r}"
+            )
+        capture_content = kw.get("capture_content", False)
+        if not isinstance(capture_content, bool):
+            raise ConfigError(f"capture_content must be a bool, not {capture_content!r}")
         return cls(
             endpoint_url=url,
             modal_key=key,
@@ -531,4 +554,7 @@ class ClientOptions:
             stream_require_done=bool(kw.get("stream_require_done", True)),
             connection_limit=connection_limit,
             event_hooks=check_hooks(kw.get("event_hooks")),
+            tracer_provider=tracer_provider,  # type: ignore[arg-type]
+            meter_provider=meter_provider,  # type: ignore[arg-type]
+            capture_content=capture_content,
         )

@@ -1,0 +1,467 @@
+"""OpenTelemetry spans and metrics for modal-llm calls (the ``otel`` extra).
+
+Imported only through ``_telemetry.instrumentation_for``, never by ``import modal_llm``.
+Names follow the GenAI semantic conventions (status: development) and are written as
+strings here, because the semantic-conventions package marks its ``gen_ai.*`` constants
+as moving. One ``Instrumentation`` per client; one ``CallScope`` per logical call::
+
+    scope = instrumentation.start(prompt, extra, stream=False)
+    scope.attach()                 # the span is current: aiohttp's per-attempt spans nest
+    try:
+        ...                        # scope.on_attempt(event), scope.on_redirect(), on_piece(t)
+    except BaseException as exc:
+        scope.end(exc)
+        raise
+    finally:
+        scope.detach()             # in the same context as attach(): never across a yield
+    scope.end(text=completion.text, attempts=attempts)
+
+Spans: ``text_completion {model}`` (kind CLIENT), with ``modal_llm.retry`` events.
+Metrics: ``gen_ai.client.operation.duration``, ``gen_ai.client.operation.time_to_first_chunk``,
+``modal_llm.client.retries``, ``modal_llm.client.active_requests`` and
+``modal_llm.client.concurrency.limit``. See docs/observability.md.
+
+Nothing secret is recorded: no header, no URL (only ``server.address``/``server.port``),
+no error body; prompts and replies only with ``capture_content=True``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import Token
+from typing import Any, Final, Protocol
+from urllib.parse import urlsplit
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
+
+from ._exceptions import ModalLLMError
+
+__all__ = ["CallScope", "Instrumentation"]
+
+SCOPE_NAME: Final = "modal_llm"
+OPERATION: Final = "text_completion"
+"""``gen_ai.operation.name``: a prompt in, generated text out (no chat messages)."""
+PROVIDER: Final = "modal"
+DEFAULT_MODEL: Final = "modal"
+"""The model in the span name when the call's extras have no ``model``."""
+
+DURATION_BUCKETS: Final = (
+    *(0.01 * 2**i for i in range(14)),  # 0.01 .. 81.92 s: the GenAI semantic conventions' advice
+    163.84,
+    327.68,
+    655.36,  # cold starts and 303 result-URL chains run for minutes on Modal
+)
+
+# Request parameters recorded from a call's extras (numbers only; a bool is not one).
+_NUMBER_PARAMS: Final = (
+    ("max_tokens", "gen_ai.request.max_tokens"),
+    ("temperature", "gen_ai.request.temperature"),
+    ("top_p", "gen_ai.request.top_p"),
+    ("top_k", "gen_ai.request.top_k"),
+    ("frequency_penalty", "gen_ai.request.frequency_penalty"),
+    ("presence_penalty", "gen_ai.request.presence_penalty"),
+    ("seed", "gen_ai.request.seed"),
+)
+_QUERY = re.compile(r"\?\S*")
+
+
+class AttemptLike(Protocol):
+    """The fields of ``modal_llm.AttemptEvent`` that telemetry reads."""
+
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def status(self) -> int | None: ...
+    @property
+    def error(self) -> ModalLLMError | None: ...
+    @property
+    def will_retry(self) -> bool: ...
+    @property
+    def wait(self) -> float | None: ...
+    @property
+    def retry_after(self) -> bool: ...
+
+
+class LimitLike(Protocol):
+    """What the concurrency-limit gauge reads: ``AdaptiveConcurrency.limit``."""
+
+    @property
+    def limit(self) -> int: ...
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modal-llm")
+    except PackageNotFoundError:  # running from a source tree
+        return "0.0.0+unknown"
+
+
+def _real_tracer_provider(given: TracerProvider | None) -> TracerProvider | None:
+    provider = given if given is not None else trace.get_tracer_provider()
+    # The API's defaults (no SDK configured) would hand out non-recording spans.
+    if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+        return None
+    return provider
+
+
+def _real_meter_provider(given: MeterProvider | None) -> MeterProvider | None:
+    provider = given if given is not None else metrics.get_meter_provider()
+    # ``_ProxyMeterProvider`` is what ``get_meter_provider()`` returns before one is set.
+    if isinstance(provider, metrics.NoOpMeterProvider) or type(provider).__name__.startswith(
+        "_Proxy"
+    ):
+        return None
+    return provider
+
+
+class _Instruments:
+    """The metric instruments of one meter provider, shared by every client using it.
+
+    Shared because a meter provider hands back the instrument registered first under a
+    name, and would drop a second client's gauge callback.
+    """
+
+    def __init__(self, meter: Meter) -> None:
+        self.duration = meter.create_histogram(
+            "gen_ai.client.operation.duration",
+            unit="s",
+            description="Duration of a modal-llm call: all attempts, backoff and 303 hops",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.first_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_to_first_chunk",
+            unit="s",
+            description="Time from the start of a streamed call to its first piece of text",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.retries = meter.create_counter(
+            "modal_llm.client.retries",
+            unit="{retry}",
+            description="Attempts that failed and were retried, by status or error type",
+        )
+        self.active = meter.create_up_down_counter(
+            "modal_llm.client.active_requests",
+            unit="{request}",
+            description="Logical calls in flight (waiting for a slot, sending, backing off)",
+        )
+        self._limits: dict[int, tuple[LimitLike, Mapping[str, Any]]] = {}
+        self._keys = itertools.count()
+        meter.create_observable_gauge(
+            "modal_llm.client.concurrency.limit",
+            callbacks=[self._observe_limits],
+            unit="{request}",
+            description="Adaptive concurrency limit of the running map() calls (summed)",
+        )
+
+    def track(self, limiter: LimitLike, attributes: Mapping[str, Any]) -> Callable[[], None]:
+        key = next(self._keys)
+        self._limits[key] = (limiter, attributes)
+
+        def untrack() -> None:
+            self._limits.pop(key, None)
+
+        return untrack
+
+    def _observe_limits(self, options: CallbackOptions) -> Iterable[Observation]:
+        # Runs on the metric reader's thread: read a snapshot, never the live dict.
+        totals: dict[tuple[Any, ...], tuple[int, Mapping[str, Any]]] = {}
+        seen: set[tuple[int, tuple[Any, ...]]] = set()
+        for limiter, attributes in tuple(self._limits.values()):
+            group = tuple(sorted(attributes.items()))
+            if (id(limiter), group) in seen:  # one limiter shared by two maps counts once
+                continue
+            seen.add((id(limiter), group))
+            total, _ = totals.get(group, (0, attributes))
+            totals[group] = (total + limiter.limit, attributes)
+        return [Observation(total, dict(attributes)) for total, attributes in totals.values()]
+
+
+_SHARED: weakref.WeakKeyDictionary[MeterProvider, _Instruments] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def _instruments_for(provider: MeterProvider) -> _Instruments:
+    with _SHARED_LOCK:
+        try:
+            found = _SHARED.get(provider)
+        except TypeError:  # a provider that cannot be weakly referenced: not shared
+            return _Instruments(provider.get_meter(SCOPE_NAME, _version()))
+        if found is None:
+            found = _Instruments(provider.get_meter(SCOPE_NAME, _version()))
+            _SHARED[provider] = found
+        return found
+
+
+def _server_attributes(endpoint_url: str) -> dict[str, Any]:
+    """``server.address`` and ``server.port`` of the endpoint; never the path or query."""
+    parts = urlsplit(endpoint_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return {"server.address": parts.hostname or "", "server.port": port}
+
+
+def _stop_sequences(value: object) -> list[str] | None:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(s, str) for s in value):
+        return list(value)
+    return None
+
+
+def _messages(role: str, text: str, finish: bool = False) -> str:
+    """One text message in the GenAI conventions' JSON message shape."""
+    message: dict[str, Any] = {"role": role, "parts": [{"type": "text", "content": text}]}
+    if finish:
+        message["finish_reason"] = "stop"
+    return json.dumps([message], ensure_ascii=False)
+
+
+def error_type(error: BaseException) -> str:
+    """``error.type``: the error's class name (``RateLimitError``, ``CancelledError``)."""
+    return type(error).__qualname__
+
+
+def _describe(error: BaseException) -> str:
+    """A span status description: the class and our one-line message, minus URL queries.
+
+    ``str(error)`` is not used: it ends with a body excerpt, which may echo the prompt.
+    """
+    if isinstance(error, ModalLLMError):
+        return f"{error_type(error)}: {_QUERY.sub('', error.message)}"
+    return error_type(error)
+
+
+class Instrumentation:
+    """The spans and metrics of one client; built once, when its session opens."""
+
+    __slots__ = ("_base", "_instruments", "_tracer", "capture_content")
+
+    def __init__(
+        self,
+        tracer: Tracer | None,
+        instruments: _Instruments | None,
+        base: dict[str, Any],
+        capture_content: bool,
+    ) -> None:
+        self._tracer = tracer
+        self._instruments = instruments
+        self._base = base
+        self.capture_content = capture_content
+
+    @classmethod
+    def build(
+        cls,
+        endpoint_url: str,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        capture_content: bool = False,
+    ) -> Instrumentation | None:
+        """Use the given providers, else the global ones; ``None`` if neither records."""
+        tracers = _real_tracer_provider(tracer_provider)
+        meters = _real_meter_provider(meter_provider)
+        if tracers is None and meters is None:
+            return None
+        tracer = None if tracers is None else tracers.get_tracer(SCOPE_NAME, _version())
+        instruments = None if meters is None else _instruments_for(meters)
+        base = {
+            "gen_ai.operation.name": OPERATION,
+            "gen_ai.provider.name": PROVIDER,
+            **_server_attributes(endpoint_url),
+        }
+        return cls(tracer, instruments, base, bool(capture_content))
+
+    @property
+    def tracing(self) -> bool:
+        return self._tracer is not None
+
+    def start(
+        self,
+        prompt: str | None,
+        extra: Mapping[str, Any],
+        *,
+        stream: bool,
+        stop: object = None,
+    ) -> CallScope:
+        """Start one logical call: its span (not yet current) and its in-flight count.
+
+        ``extra`` are the model arguments sent; ``stop`` the client-side stop sequences,
+        recorded when the extras carry none. ``prompt`` is None for ``resume``.
+        """
+        model = extra.get("model") if extra else None
+        if not isinstance(model, str) or not model:
+            model = None
+        labels = self._base if model is None else {**self._base, "gen_ai.request.model": model}
+        span: Span | None = None
+        if self._tracer is not None:
+            attributes: dict[str, Any] = dict(labels)
+            if extra:
+                for key, name in _NUMBER_PARAMS:
+                    value = extra.get(key)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        attributes[name] = value
+                stops = _stop_sequences(extra.get("stop", stop))
+            else:
+                stops = _stop_sequences(stop)
+            if stops is not None:
+                attributes["gen_ai.request.stop_sequences"] = stops
+            attributes["modal_llm.stream"] = stream
+            if self.capture_content and prompt is not None:
+                attributes["gen_ai.input.messages"] = _messages("user", prompt)
+            span = self._tracer.start_span(
+                f"{OPERATION} {model or DEFAULT_MODEL}", kind=SpanKind.CLIENT, attributes=attributes
+            )
+        if self._instruments is not None:
+            self._instruments.active.add(1, self._base)
+        return CallScope(self, span, labels, stream)
+
+    def track_limit(self, limiter: LimitLike) -> Callable[[], None]:
+        """Report ``limiter.limit`` on the concurrency-limit gauge until the returned
+        callable is called (a running ``map`` with ``adaptive``)."""
+        if self._instruments is None:
+            return _nothing
+        return self._instruments.track(limiter, self._base)
+
+
+def _nothing() -> None:
+    return None
+
+
+class CallScope:
+    """One logical call's span and measurements. Strictly private; not thread-safe."""
+
+    __slots__ = (
+        "_ended",
+        "_first_chunk",
+        "_inst",
+        "_labels",
+        "_pieces",
+        "_started",
+        "_token",
+        "attempts",
+        "redirect_hops",
+        "span",
+        "stream",
+    )
+
+    def __init__(
+        self, inst: Instrumentation, span: Span | None, labels: Mapping[str, Any], stream: bool
+    ) -> None:
+        self._inst = inst
+        self.span = span
+        self._labels = labels
+        self.stream = stream
+        self._started = time.perf_counter()
+        self._token: Token[Context] | None = None
+        self._first_chunk: float | None = None
+        self._pieces: list[str] | None = [] if inst.capture_content and stream else None
+        self._ended = False
+        self.attempts = 0
+        self.redirect_hops = 0
+
+    # -- context ---------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Make the span current in this context (so per-attempt HTTP spans nest)."""
+        if self.span is not None and self._token is None:
+            self._token = otel_context.attach(trace.set_span_in_context(self.span))
+
+    def detach(self) -> None:
+        """Undo ``attach``; must run in the same context (never across a ``yield``)."""
+        token, self._token = self._token, None
+        if token is not None:
+            otel_context.detach(token)
+
+    # -- what happens during the call -------------------------------------------------------
+
+    def on_attempt(self, event: AttemptLike) -> None:
+        """Every attempt's outcome; a retried one becomes a ``modal_llm.retry`` event."""
+        if event.attempt > self.attempts:
+            self.attempts = event.attempt
+        if not event.will_retry:
+            return
+        reason: dict[str, Any] = {}
+        if event.status is not None:
+            reason["http.response.status_code"] = event.status
+        if event.error is not None:
+            reason["error.type"] = error_type(event.error)
+        instruments = self._inst._instruments
+        if instruments is not None:
+            instruments.retries.add(1, {**self._labels, **reason})
+        if self.span is not None:
+            details: dict[str, Any] = {"modal_llm.attempt": event.attempt, **reason}
+            if event.wait is not None:
+                details["modal_llm.retry.wait"] = event.wait
+            details["modal_llm.retry.retry_after"] = event.retry_after
+            self.span.add_event("modal_llm.retry", details)
+
+    def on_redirect(self) -> None:
+        """One 303 (result URL) hop followed."""
+        self.redirect_hops += 1
+
+    def on_piece(self, text: str) -> None:
+        """A piece of a stream reached the caller; the first one is the time to first
+        chunk. Pieces are kept only with ``capture_content``."""
+        if self._first_chunk is None:
+            self._first_chunk = elapsed = time.perf_counter() - self._started
+            instruments = self._inst._instruments
+            if instruments is not None:
+                instruments.first_chunk.record(elapsed, self._labels)
+            if self.span is not None:
+                self.span.set_attribute("modal_llm.time_to_first_chunk", elapsed)
+        if self._pieces is not None:
+            self._pieces.append(text)
+
+    def end(
+        self,
+        error: BaseException | None = None,
+        *,
+        text: str | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        """Finish the call once: duration, in-flight count, span status and attributes.
+
+        Call ``detach`` first (in the context that attached); ``end`` may run anywhere.
+
+        ``text`` is the reply (recorded with ``capture_content``; a stream's pieces are
+        used when omitted). ``attempts`` overrides the count seen by ``on_attempt``.
+        """
+        if self._ended:
+            return
+        self._ended = True
+        if attempts is not None:
+            self.attempts = attempts
+        elif self.attempts == 0:
+            self.attempts = getattr(error, "attempts", None) or 1
+        labels = self._labels
+        if error is not None:
+            labels = {**labels, "error.type": error_type(error)}
+        instruments = self._inst._instruments
+        if instruments is not None:
+            instruments.duration.record(time.perf_counter() - self._started, labels)
+            instruments.active.add(-1, self._inst._base)
+        span = self.span
+        if span is None:
+            return
+        span.set_attribute("modal_llm.attempts", self.attempts)
+        span.set_attribute("modal_llm.redirect_hops", self.redirect_hops)
+        if error is not None:
+            span.set_attribute("error.type", error_type(error))
+            span.set_status(Status(StatusCode.ERROR, _describe(error)))
+        elif self._inst.capture_content:
+            if text is None and self._pieces is not None:
+                text = "".join(self._pieces)
+            if text is not None:
+                span.set_attribute("gen_ai.output.messages", _messages("assistant", text, True))
+        span.end()
