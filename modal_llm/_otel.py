@@ -151,8 +151,12 @@ class _Instruments:
             unit="{retry}",
             description="Attempts that failed and were retried, by status or error type",
         )
-        self.active = meter.create_up_down_counter(
+        # Calls in flight are plain ints read at collection time: an UpDownCounter would
+        # cost two SDK measurements per call for what a reader samples every few seconds.
+        self._active: dict[tuple[Any, ...], _Active] = {}
+        meter.create_observable_up_down_counter(
             "modal_llm.client.active_requests",
+            callbacks=[self._observe_active],
             unit="{request}",
             description="Logical calls in flight (waiting for a slot, sending, backing off)",
         )
@@ -164,6 +168,17 @@ class _Instruments:
             unit="{request}",
             description="Adaptive concurrency limit of the running map() calls (summed)",
         )
+
+    def active_for(self, attributes: Mapping[str, Any]) -> _Active:
+        """The in-flight count of calls with these attributes (one endpoint)."""
+        key = tuple(sorted(attributes.items()))
+        found = self._active.get(key)
+        if found is None:
+            found = self._active.setdefault(key, _Active(attributes))
+        return found
+
+    def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(a.count, dict(a.attributes)) for a in tuple(self._active.values())]
 
     def track(self, limiter: LimitLike, attributes: Mapping[str, Any]) -> Callable[[], None]:
         key = next(self._keys)
@@ -186,6 +201,16 @@ class _Instruments:
             total, _ = totals.get(group, (0, attributes))
             totals[group] = (total + limiter.limit, attributes)
         return [Observation(total, dict(attributes)) for total, attributes in totals.values()]
+
+
+class _Active:
+    """Calls in flight to one endpoint; changed on the loop, read by the metric reader."""
+
+    __slots__ = ("attributes", "count")
+
+    def __init__(self, attributes: Mapping[str, Any]) -> None:
+        self.attributes = dict(attributes)
+        self.count = 0
 
 
 _SHARED: weakref.WeakKeyDictionary[MeterProvider, _Instruments] = weakref.WeakKeyDictionary()
@@ -245,7 +270,7 @@ def _describe(error: BaseException) -> str:
 class Instrumentation:
     """The spans and metrics of one client; built once, when its session opens."""
 
-    __slots__ = ("_base", "_instruments", "_tracer", "capture_content")
+    __slots__ = ("_active", "_base", "_instruments", "_tracer", "capture_content")
 
     def __init__(
         self,
@@ -257,6 +282,7 @@ class Instrumentation:
         self._tracer = tracer
         self._instruments = instruments
         self._base = base
+        self._active = None if instruments is None else instruments.active_for(base)
         self.capture_content = capture_content
 
     @classmethod
@@ -322,8 +348,8 @@ class Instrumentation:
             span = self._tracer.start_span(
                 f"{OPERATION} {model or DEFAULT_MODEL}", kind=SpanKind.CLIENT, attributes=attributes
             )
-        if self._instruments is not None:
-            self._instruments.active.add(1, self._base)
+        if self._active is not None:
+            self._active.count += 1
         return CallScope(self, span, labels, stream)
 
     def track_limit(self, limiter: LimitLike) -> Callable[[], None]:
@@ -447,21 +473,26 @@ class CallScope:
         labels = self._labels
         if error is not None:
             labels = {**labels, "error.type": error_type(error)}
-        instruments = self._inst._instruments
-        if instruments is not None:
-            instruments.duration.record(time.perf_counter() - self._started, labels)
-            instruments.active.add(-1, self._inst._base)
+        inst = self._inst
+        if inst._instruments is not None:
+            inst._instruments.duration.record(time.perf_counter() - self._started, labels)
+        if inst._active is not None:
+            inst._active.count -= 1
         span = self.span
         if span is None:
             return
-        span.set_attribute("modal_llm.attempts", self.attempts)
-        span.set_attribute("modal_llm.redirect_hops", self.redirect_hops)
-        if error is not None:
-            span.set_attribute("error.type", error_type(error))
-            span.set_status(Status(StatusCode.ERROR, _describe(error)))
-        elif self._inst.capture_content:
-            if text is None and self._pieces is not None:
-                text = "".join(self._pieces)
-            if text is not None:
-                span.set_attribute("gen_ai.output.messages", _messages("assistant", text, True))
+        if span.is_recording():  # a sampled-out span takes no attributes
+            attributes: dict[str, Any] = {
+                "modal_llm.attempts": self.attempts,
+                "modal_llm.redirect_hops": self.redirect_hops,
+            }
+            if error is not None:
+                attributes["error.type"] = error_type(error)
+                span.set_status(Status(StatusCode.ERROR, _describe(error)))
+            elif inst.capture_content:
+                if text is None and self._pieces is not None:
+                    text = "".join(self._pieces)
+                if text is not None:
+                    attributes["gen_ai.output.messages"] = _messages("assistant", text, True)
+            span.set_attributes(attributes)
         span.end()
