@@ -557,7 +557,18 @@ def threaded_endpoint() -> Iterator[str]:
     loop.close()
 
 
-def test_the_blocking_client_takes_the_providers(otel: Otel, threaded_endpoint: str) -> None:
-    with Client(threaded_endpoint, **otel.providers) as client:
-        client.generate("hi")
-    assert otel.span().name == "text_completion modal"
+def test_the_blocking_client_takes_the_providers_and_the_callers_span(
+    otel: Otel, threaded_endpoint: str
+) -> None:
+    tracer = otel.tracer_provider.get_tracer("app")
+    with (
+        Client(threaded_endpoint, **otel.providers) as client,
+        tracer.start_as_current_span("handler") as parent,
+    ):
+        client.generate("hi")  # runs on the client's loop thread
+        pieces = list(client.stream("hello there"))
+    assert pieces
+    unary, stream = otel.spans()
+    for span in (unary, stream):
+        assert span.parent is not None
+        assert span.parent.span_id == parent.get_span_context().span_id
