@@ -572,3 +572,21 @@ def test_the_blocking_client_takes_the_providers_and_the_callers_span(
     for span in (unary, stream):
         assert span.parent is not None
         assert span.parent.span_id == parent.get_span_context().span_id
+
+
+# -- LangChain ----------------------------------------------------------------------------------
+
+
+async def test_langchain_classes_take_the_providers(otel: Otel, endpoint: str) -> None:
+    pytest.importorskip("langchain_core")
+    from langchain_core.load import dumpd
+
+    from modal_llm.langchain import ChatModal, Modal
+
+    llm = Modal(endpoint_url=endpoint, **otel.providers)
+    chat = ChatModal(endpoint_url=endpoint, capture_content=True, **otel.providers)
+    await llm.ainvoke("hi")
+    await chat.ainvoke("hello")
+    assert len(otel.spans()) == 2
+    assert any("gen_ai.input.messages" in attrs(s) for s in otel.spans())
+    assert "tracer_provider" not in json.dumps(dumpd(llm), default=str)

@@ -193,6 +193,13 @@ class ModalBase(BaseModel):
     callbacks get ``on_llm_new_token`` for each one."""
     stream_flag: str | None = DEFAULT_STREAM_FLAG
     """JSON key set to ``true`` when streaming (``None`` to send no flag)."""
+    tracer_provider: Any = Field(default=None, exclude=True)
+    """OpenTelemetry ``TracerProvider`` for the call spans; ``None`` uses the global one
+    (docs/observability.md)."""
+    meter_provider: Any = Field(default=None, exclude=True)
+    """OpenTelemetry ``MeterProvider`` for the metrics; ``None`` uses the global one."""
+    capture_content: bool = False
+    """Record prompts and replies on the spans (off: they may hold personal data)."""
 
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _sync_clients: dict[int, Client] = PrivateAttr(default_factory=dict)
@@ -247,6 +254,9 @@ class ModalBase(BaseModel):
             max_retries=self.max_retries,
             timeout=DEFAULT_TIMEOUT if self.timeout is None else self.timeout,
             stream_flag=self.stream_flag,
+            tracer_provider=self.tracer_provider,
+            meter_provider=self.meter_provider,
+            capture_content=self.capture_content,
         )
 
     @classmethod
