@@ -57,3 +57,17 @@ def forward(timeout: float | Timeout | UseClientDefault | None = USE_CLIENT_DEFA
 
     with Client("https://me--llm.modal.run") as client:
         assert_type(client.generate("hi", timeout=timeout), str)
+
+
+def telemetry_usage() -> None:
+    from opentelemetry import metrics, trace
+
+    from modal_llm import Client
+
+    AsyncClient(
+        "https://me--llm.modal.run",
+        tracer_provider=trace.get_tracer_provider(),
+        meter_provider=metrics.get_meter_provider(),
+        capture_content=False,
+    )
+    Client("https://me--llm.modal.run", tracer_provider=trace.NoOpTracerProvider())
