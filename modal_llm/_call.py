@@ -60,6 +60,7 @@ class Call:
         "hooks",
         "hops",
         "kind",
+        "observer",
         "pool",
         "read_timeout",
         "result_url",
@@ -93,6 +94,9 @@ class Call:
         self.hops = 0
         self.sent = 0
         self.hooks: CallHooks | None = None  # its AttemptEvent subscribers, if any
+        # Its telemetry (a ``_otel.CallScope``), or for a stream a zero-argument function
+        # that starts it when the stream opens; None when the client records nothing.
+        self.observer: Any = None
 
 
 class Reply:

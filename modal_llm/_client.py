@@ -47,13 +47,14 @@ from ._fanout import (
     PromptLike,
     fan_out,
 )
-from ._hooks import AttemptHook
+from ._hooks import AttemptHook, CallHooks
 from ._pacing import AdaptiveConcurrency, RateLimiter
 from ._redirects import next_hop
 from ._retry import retry_failed, send_with_retries
 from ._send import Transport
 from ._stop import StopMatcher, normalize_stop
 from ._streaming import StreamState, TextStream, stream_pieces
+from ._telemetry import instrumentation_for
 from ._types import HeaderTypes, StopTypes
 from ._watch import FirstByteWatch
 
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ._models import Completion
+    from ._otel import CallScope, Instrumentation
 
 __all__ = ["AsyncClient"]
 
@@ -69,7 +71,7 @@ log = logging.getLogger("modal_llm")
 T = TypeVar("T")
 
 
-_NO_SCOPE: Final[contextlib.AbstractContextManager[object]] = contextlib.nullcontext()
+_NO_SCOPE: Final[contextlib.AbstractContextManager[None]] = contextlib.nullcontext()
 
 
 class _State(enum.Enum):
@@ -94,7 +96,9 @@ class AsyncClient:
     ``max_retries``, ``timeout`` (seconds or a ``Timeout``), ``retry`` (a ``RetryPolicy``),
     ``max_redirects``, ``max_reply_bytes``, ``stream_flag``, ``stream_require_done``,
     ``connection_limit``, ``event_hooks`` (``{"attempt": [f], "failure": [g]}``: see
-    ``AttemptEvent``). The URL falls back to ``MODAL_LLM_ENDPOINT_URL``.
+    ``AttemptEvent``); OpenTelemetry's ``tracer_provider``/``meter_provider`` (default:
+    the global ones) and ``capture_content`` (docs/observability.md). The URL falls back
+    to ``MODAL_LLM_ENDPOINT_URL``.
     """
 
     _state = _State.CLOSED  # so __del__ is quiet if __init__ failed before setting it
@@ -118,6 +122,7 @@ class AsyncClient:
         self._slot: asyncio.Semaphore | None = None  # the transport's, for inspection
         self._calls = CallFactory(options)
         self._secrets = self._calls.secrets
+        self._telemetry: Instrumentation | None = None  # decided when the transport opens
         self._state = _State.UNOPENED
 
     @property
@@ -205,6 +210,12 @@ class AsyncClient:
             trust_env=False,
         )
         self._transport = transport = Transport(session, opts, FirstByteWatch(loop))
+        self._telemetry = instrumentation_for(
+            opts.endpoint_url,
+            tracer_provider=opts.tracer_provider,
+            meter_provider=opts.meter_provider,
+            capture_content=opts.capture_content,
+        )
         self._slot = transport.slot
         self._loop = loop
         self._state = _State.OPENED
@@ -262,6 +273,9 @@ class AsyncClient:
             raise ConfigError(f"max_redirects must be an int >= 1, not {max_redirects!r}")
         call = self._calls.resume(timeout)
         redirect = Redirect(303, result_url, self._url)
+        self._transport_for_loop()  # decides telemetry
+        if self._telemetry is not None:
+            call.observer = self._observe(call, None, {}, None)
         return await self._run_call(call, partial(self._follow, redirect, call, budget))
 
     @overload
@@ -379,7 +393,25 @@ class AsyncClient:
                 return completion.prompt, attempts
             return StopMatcher(stops).apply(completion.prompt), attempts
 
-        return fan_out(send, items, plan)
+        results = fan_out(send, items, plan)
+        if plan.limiter is None or (self._telemetry is None and self._state is _State.OPENED):
+            return results
+        return self._gauging_limit(results, plan.limiter)
+
+    async def _gauging_limit(
+        self, results: AsyncGenerator[BatchResult, None], limiter: AdaptiveConcurrency
+    ) -> AsyncGenerator[BatchResult, None]:
+        """``map`` results, with the adaptive limit on the telemetry gauge meanwhile."""
+        self._transport_for_loop()  # decides telemetry
+        telemetry = self._telemetry
+        untrack = None if telemetry is None else telemetry.track_limit(limiter)
+        try:
+            async for result in results:
+                yield result
+        finally:
+            if untrack is not None:
+                untrack()
+            await results.aclose()
 
     def stream(
         self,
@@ -406,6 +438,9 @@ class AsyncClient:
         """
         stops = normalize_stop(stop)
         call = self._calls.request(prompt, headers, timeout, extra, None, streaming=True)
+        if self._telemetry is not None or self._state is _State.UNOPENED:
+            # Started by _scope when the stream opens: nothing is sent before that.
+            call.observer = partial(self._observe, call, prompt, extra, stops or None)
         state = StreamState()
         opts = self._options
         pieces = stream_pieces(
@@ -440,36 +475,75 @@ class AsyncClient:
         if transport is None or self._loop is not asyncio.get_running_loop():
             transport = self._transport_for_loop()
         call = self._calls.request(prompt, headers, timeout, extra, on_attempt)
+        if self._telemetry is not None:
+            call.observer = self._observe(call, prompt, extra, None)
         # As _run_call does, inlined: this is the hot path.
-        with self._scope(call):
+        with self._scope(call) as observer:
             try:
                 if call.deadline_at is None:
-                    return await self._post_and_follow(transport, call)
-                return await self._before_deadline(call, self._post_and_follow(transport, call))
+                    result = await self._post_and_follow(transport, call)
+                else:
+                    work = self._post_and_follow(transport, call)
+                    result = await self._before_deadline(call, work)
             except ModalLLMError as exc:
                 mask_error(exc, self._secrets)
                 raise
+            if observer is not None and observer.capture_content:
+                observer.reply = result[0].prompt
+            return result
 
-    def _scope(self, call: Call) -> contextlib.AbstractContextManager[object]:
+    def _scope(self, call: Call) -> contextlib.AbstractContextManager[CallScope | None]:
         """The one place every logical call (unary, stream, resume) starts and ends.
 
         Entered before the call's first request and exited when its outcome is known (for a
         stream: when it is closed), with the call's error, already masked, if it failed.
         ``call.kind``, ``call.hops``, ``call.sent``, ``call.first_piece_at`` and
         ``call.hooks`` (its ``AttemptEvent`` subscribers) are there: the telemetry seam.
+        With telemetry on, it is the call's ``CallScope`` (its span current inside).
         """
-        return _NO_SCOPE
+        observer = call.observer
+        if observer is None:
+            return _NO_SCOPE
+        if callable(observer):  # a stream's: telemetry is decided once its transport opens
+            self._transport_for_loop()
+            observer = call.observer = observer()
+            if observer is None:
+                return _NO_SCOPE
+        return observer  # type: ignore[no-any-return]
+
+    def _observe(
+        self, call: Call, prompt: str | None, extra: dict[str, Any], stop: object
+    ) -> CallScope | None:
+        """Start ``call``'s telemetry (span, in-flight count) and subscribe it to the
+        call's attempt events; ``None`` when the client records nothing."""
+        telemetry = self._telemetry
+        if telemetry is None:
+            return None
+        clock = asyncio.get_running_loop().time
+        scope = telemetry.start(call, prompt, extra, stop=stop, clock=clock)
+        hooks = call.hooks
+        stream = call.kind == "stream"
+        if hooks is None:
+            call.hooks = CallHooks((scope.on_attempt,), (), stream=stream)
+        else:
+            attempt = (*hooks.attempt, scope.on_attempt)
+            call.hooks = CallHooks(attempt, hooks.failure, stream=stream)
+        return scope
 
     async def _run_call(self, call: Call, run: Callable[[], Awaitable[T]]) -> T:
         """Run a non-streaming call in its scope, under ``Timeout.deadline``; mask its error."""
-        with self._scope(call):
+        with self._scope(call) as observer:
             try:
                 if call.deadline_at is None:
-                    return await run()
-                return await self._before_deadline(call, run())
+                    result = await run()
+                else:
+                    result = await self._before_deadline(call, run())
             except ModalLLMError as exc:
                 mask_error(exc, self._secrets)
                 raise
+            if observer is not None and observer.capture_content:
+                observer.reply = _text_of(result)
+            return result
 
     async def _before_deadline(self, call: Call, work: Awaitable[T]) -> T:
         assert call.deadline_at is not None
@@ -517,3 +591,10 @@ class AsyncClient:
         from ._models import parse_reply
 
         return parse_reply(reply.body, status_code=reply.status, url=reply.url)
+
+
+def _text_of(result: object) -> str | None:
+    """The generated text of what ``_run_call`` returns: a ``Completion`` or a tuple."""
+    completion = result[0] if isinstance(result, tuple) else result
+    text = getattr(completion, "prompt", None)
+    return text if isinstance(text, str) else None

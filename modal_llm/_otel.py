@@ -3,18 +3,13 @@
 Imported only through ``_telemetry.instrumentation_for``, never by ``import modal_llm``.
 Names follow the GenAI semantic conventions (status: development) and are written as
 strings here, because the semantic-conventions package marks its ``gen_ai.*`` constants
-as moving. One ``Instrumentation`` per client; one ``CallScope`` per logical call::
+as moving. One ``Instrumentation`` per client; one ``CallScope`` per logical call, the context
+manager of the send path's one start/end of a call (``AsyncClient._scope``)::
 
-    scope = instrumentation.start(prompt, extra, stream=False)
-    scope.attach()                 # the span is current: aiohttp's per-attempt spans nest
-    try:
-        ...                        # scope.on_attempt(event), scope.on_redirect(), on_piece(t)
-    except BaseException as exc:
-        scope.end(exc)
-        raise
-    finally:
-        scope.detach()             # in the same context as attach(): never across a yield
-    scope.end(text=completion.text, attempts=attempts)
+    scope = instrumentation.start(call, prompt, extra, clock=loop.time)
+    call.hooks = ... scope.on_attempt ...   # retries become span events and counts
+    with scope:                             # the span is current: aiohttp's spans nest
+        ...                                 # (a stream: only while it opens)
 
 Spans: ``text_completion {model}`` (kind CLIENT), with ``modal_llm.retry`` events.
 Metrics: ``gen_ai.client.operation.duration``, ``gen_ai.client.operation.time_to_first_chunk``,
@@ -35,6 +30,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import Token
+from types import TracebackType
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
@@ -90,6 +86,19 @@ class AttemptLike(Protocol):
     def wait(self) -> float | None: ...
     @property
     def retry_after(self) -> bool: ...
+
+
+class CallLike(Protocol):
+    """What telemetry reads of the send path's ``Call`` (``_call.Call``)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def sent(self) -> int: ...
+    @property
+    def hops(self) -> int: ...
+    @property
+    def first_piece_at(self) -> float | None: ...
 
 
 class LimitLike(Protocol):
@@ -314,17 +323,20 @@ class Instrumentation:
 
     def start(
         self,
+        call: CallLike,
         prompt: str | None,
         extra: Mapping[str, Any],
         *,
-        stream: bool,
         stop: object = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> CallScope:
         """Start one logical call: its span (not yet current) and its in-flight count.
 
         ``extra`` are the model arguments sent; ``stop`` the client-side stop sequences,
-        recorded when the extras carry none. ``prompt`` is None for ``resume``.
+        recorded when the extras carry none; ``prompt`` is None for ``resume``.
+        ``clock`` is the clock of ``call.first_piece_at`` (the loop's ``time``).
         """
+        stream = call.kind == "stream"
         model = extra.get("model") if extra else None
         if not isinstance(model, str) or not model:
             model = None
@@ -350,7 +362,7 @@ class Instrumentation:
             )
         if self._active is not None:
             self._active.count += 1
-        return CallScope(self, span, labels, stream)
+        return CallScope(self, call, span, labels, clock)
 
     def track_limit(self, limiter: LimitLike) -> Callable[[], None]:
         """Report ``limiter.limit`` on the concurrency-limit gauge until the returned
@@ -365,38 +377,67 @@ def _nothing() -> None:
 
 
 class CallScope:
-    """One logical call's span and measurements. Strictly private; not thread-safe."""
+    """One logical call's span and measurements, as the context manager the send path
+    enters where the call starts and exits where it ends (``AsyncClient._scope``).
+
+    Strictly private; not thread-safe. For a unary call or ``resume`` the span is current
+    inside the ``with``; a stream's generator spans ``yield``s, where the caller's code
+    runs (maybe in another context), so it is made current only while the stream opens
+    (``attach``/``detach`` in the stream consumer).
+    """
 
     __slots__ = (
+        "_call",
+        "_clock",
         "_ended",
-        "_first_chunk",
         "_inst",
         "_labels",
-        "_pieces",
         "_started",
         "_token",
-        "attempts",
-        "redirect_hops",
+        "reply",
         "span",
-        "stream",
     )
 
     def __init__(
-        self, inst: Instrumentation, span: Span | None, labels: Mapping[str, Any], stream: bool
+        self,
+        inst: Instrumentation,
+        call: CallLike,
+        span: Span | None,
+        labels: Mapping[str, Any],
+        clock: Callable[[], float],
     ) -> None:
         self._inst = inst
+        self._call = call
         self.span = span
         self._labels = labels
-        self.stream = stream
-        self._started = time.perf_counter()
+        self._clock = clock
+        self._started = clock()
         self._token: Token[Context] | None = None
-        self._first_chunk: float | None = None
-        self._pieces: list[str] | None = [] if inst.capture_content and stream else None
         self._ended = False
-        self.attempts = 0
-        self.redirect_hops = 0
+        self.reply: str | None = None
+        """The generated text, set by the send path when ``capture_content`` is on."""
+
+    @property
+    def capture_content(self) -> bool:
+        """Whether the send path should set ``reply`` (it is recorded)."""
+        return self._inst.capture_content
 
     # -- context ---------------------------------------------------------------------------
+
+    def __enter__(self) -> CallScope:
+        if self._call.kind != "stream":
+            self.attach()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.detach()
+        # A stream the caller left early (break, aclose) is closed with GeneratorExit.
+        self.end(None if isinstance(exc, GeneratorExit) else exc)
 
     def attach(self) -> None:
         """Make the span current in this context (so per-attempt HTTP spans nest)."""
@@ -413,8 +454,6 @@ class CallScope:
 
     def on_attempt(self, event: AttemptLike) -> None:
         """Every attempt's outcome; a retried one becomes a ``modal_llm.retry`` event."""
-        if event.attempt > self.attempts:
-            self.attempts = event.attempt
         if not event.will_retry:
             return
         reason: dict[str, Any] = {}
@@ -432,50 +471,24 @@ class CallScope:
             details["modal_llm.retry.retry_after"] = event.retry_after
             self.span.add_event("modal_llm.retry", details)
 
-    def on_redirect(self) -> None:
-        """One 303 (result URL) hop followed."""
-        self.redirect_hops += 1
-
-    def on_piece(self, text: str) -> None:
-        """A piece of a stream reached the caller; the first one is the time to first
-        chunk. Pieces are kept only with ``capture_content``."""
-        if self._first_chunk is None:
-            self._first_chunk = elapsed = time.perf_counter() - self._started
-            instruments = self._inst._instruments
-            if instruments is not None:
-                instruments.first_chunk.record(elapsed, self._labels)
-            if self.span is not None:
-                self.span.set_attribute("modal_llm.time_to_first_chunk", elapsed)
-        if self._pieces is not None:
-            self._pieces.append(text)
-
-    def end(
-        self,
-        error: BaseException | None = None,
-        *,
-        text: str | None = None,
-        attempts: int | None = None,
-    ) -> None:
-        """Finish the call once: duration, in-flight count, span status and attributes.
-
-        Call ``detach`` first (in the context that attached); ``end`` may run anywhere.
-
-        ``text`` is the reply (recorded with ``capture_content``; a stream's pieces are
-        used when omitted). ``attempts`` overrides the count seen by ``on_attempt``.
-        """
+    def end(self, error: BaseException | None = None) -> None:
+        """Finish the call once: duration, time to first chunk, in-flight count, the span's
+        status and attributes. Call ``detach`` first, in the context that attached."""
         if self._ended:
             return
         self._ended = True
-        if attempts is not None:
-            self.attempts = attempts
-        elif self.attempts == 0:
-            self.attempts = getattr(error, "attempts", None) or 1
+        call = self._call
+        inst = self._inst
         labels = self._labels
         if error is not None:
             labels = {**labels, "error.type": error_type(error)}
-        inst = self._inst
+        first_chunk = None
+        if call.kind == "stream" and call.first_piece_at is not None:
+            first_chunk = max(0.0, call.first_piece_at - self._started)
         if inst._instruments is not None:
-            inst._instruments.duration.record(time.perf_counter() - self._started, labels)
+            inst._instruments.duration.record(self._clock() - self._started, labels)
+            if first_chunk is not None:
+                inst._instruments.first_chunk.record(first_chunk, self._labels)
         if inst._active is not None:
             inst._active.count -= 1
         span = self.span
@@ -483,16 +496,15 @@ class CallScope:
             return
         if span.is_recording():  # a sampled-out span takes no attributes
             attributes: dict[str, Any] = {
-                "modal_llm.attempts": self.attempts,
-                "modal_llm.redirect_hops": self.redirect_hops,
+                "modal_llm.attempts": call.sent,
+                "modal_llm.redirect_hops": call.hops,
             }
+            if first_chunk is not None:
+                attributes["modal_llm.time_to_first_chunk"] = first_chunk
             if error is not None:
                 attributes["error.type"] = error_type(error)
                 span.set_status(Status(StatusCode.ERROR, _describe(error)))
-            elif inst.capture_content:
-                if text is None and self._pieces is not None:
-                    text = "".join(self._pieces)
-                if text is not None:
-                    attributes["gen_ai.output.messages"] = _messages("assistant", text, True)
+            elif self.reply is not None and inst.capture_content:
+                attributes["gen_ai.output.messages"] = _messages("assistant", self.reply, True)
             span.set_attributes(attributes)
         span.end()

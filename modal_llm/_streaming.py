@@ -9,7 +9,7 @@ import warnings
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ._call import Call, Redirect, deadline_error
 from ._decoders import StreamDecoder, decoder_for
@@ -27,6 +27,9 @@ from ._redirects import next_hop
 from ._retry import send_with_retries
 from ._send import Opened, Transport
 from ._stop import StopMatcher
+
+if TYPE_CHECKING:
+    from ._otel import CallScope
 
 __all__ = ["TextStream", "stream_pieces"]
 
@@ -215,7 +218,7 @@ async def _open(
 
 async def stream_pieces(
     transport_for_loop: Callable[[], Transport],
-    scope: Callable[[Call], AbstractContextManager[object]],
+    scope: Callable[[Call], AbstractContextManager[CallScope | None]],
     call: Call,
     stops: tuple[str, ...],
     state: StreamState,
@@ -232,21 +235,27 @@ async def stream_pieces(
     failure carries ``partial_text``. The byte cap runs over the whole body (the opening
     included), since the one ``Opened`` counts it.
     """
-    with scope(call):
+    with scope(call) as observer:
         sent = _Delivered()
         opened: Opened | None = None
         finished = False
         try:
             transport = transport_for_loop()
             opening = _open(transport, call, endpoint_url, max_redirects, retry, require_done)
-            if call.deadline_at is None:
-                first = await opening
-            else:
-                remaining = call.deadline_at - asyncio.get_running_loop().time()
-                try:
-                    first = await asyncio.wait_for(opening, remaining)
-                except asyncio.TimeoutError:
-                    raise deadline_error(call, endpoint_url) from None
+            if observer is not None:  # the call's span is current while it opens, so
+                observer.attach()  # HTTP spans nest; never across a yield (caller's code)
+            try:
+                if call.deadline_at is None:
+                    first = await opening
+                else:
+                    remaining = call.deadline_at - asyncio.get_running_loop().time()
+                    try:
+                        first = await asyncio.wait_for(opening, remaining)
+                    except asyncio.TimeoutError:
+                        raise deadline_error(call, endpoint_url) from None
+            finally:
+                if observer is not None:
+                    observer.detach()
             opened = response = first.opened
             decoder, pieces = first.decoder, first.pieces
             state.open = True
@@ -313,3 +322,5 @@ async def stream_pieces(
             state.open = False
             if opened is not None:
                 opened.release(reuse=finished)
+            if observer is not None and observer.capture_content:
+                observer.reply = sent.text()  # what reached the caller

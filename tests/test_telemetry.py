@@ -464,7 +464,7 @@ def test_a_meter_provider_alone_records_metrics_only(otel: Otel) -> None:
     inst = Instrumentation.build("https://x.modal.run", meter_provider=otel.meter_provider)
     assert inst is not None
     assert not inst.tracing
-    scope = inst.start("hi", {}, stream=False)
+    scope = inst.start(FakeCall(), "hi", {})
     assert scope.span is None
     scope.end()
     (duration,) = otel.points("gen_ai.client.operation.duration")
@@ -494,6 +494,14 @@ def test_options_are_checked() -> None:
 # -- unit: the scope fed by attempt events -------------------------------------------------------
 
 
+@dataclass
+class FakeCall:
+    kind: str = "unary"
+    sent: int = 1
+    hops: int = 0
+    first_piece_at: float | None = None
+
+
 @dataclass(frozen=True)
 class FakeAttempt:
     attempt: int
@@ -509,9 +517,11 @@ def test_a_transport_retry_is_labelled_by_error_type(otel: Otel) -> None:
 
     inst = Instrumentation.build("http://h:8080/x?token=q", **otel.providers)
     assert inst is not None
-    scope = inst.start("hi", {"temperature": True, "seed": 7}, stream=False)
+    call = FakeCall()
+    scope = inst.start(call, "hi", {"temperature": True, "seed": 7})
     scope.on_attempt(FakeAttempt(1, None, ConnectError("refused"), True, 0.25, False))
     scope.on_attempt(FakeAttempt(2, 200, None, False, None, False))
+    call.sent = 2
     scope.end()
     scope.end()  # idempotent
     span = otel.span()
