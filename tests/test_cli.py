@@ -267,11 +267,24 @@ async def test_batch_failures_exit_1_and_a_rerun_retries_them(
             assert record["error"]["status"] == 500
             assert record["error"]["message"].startswith("500 Internal Server Error from http")
             assert "text" not in record
-        assert "4 succeeded, 2 failed" in capsys.readouterr().err
+        assert "4 succeeded, 2 failed, 0 retries" in capsys.readouterr().err
 
         assert await run_cli(*args) == EXIT_OK
         assert [b["prompt"] for b in list(app[STATS].bodies)[6:]] == ["prompt 0", "prompt 1"]
-    assert "2 succeeded, 0 failed, 4 already done" in capsys.readouterr().err
+    assert "2 succeeded, 0 failed, 0 retries, 4 already done" in capsys.readouterr().err
+
+
+async def test_batch_summary_counts_retries_through_the_event_hooks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("a\nb\nc\n", "utf-8")
+    app = create_app(ServerConfig(error_burst=2, error_status=503, retry_after="0"))
+    async with serve(app) as url:
+        args = ("batch", str(source), "-o", str(tmp_path / "out.jsonl"), "--endpoint", url)
+        assert await run_cli(*args, "--concurrency", "1") == EXIT_OK
+    assert "3 succeeded, 0 failed, 2 retries" in capsys.readouterr().err
+    assert app[STATS].posts == 5
 
 
 async def test_batch_stops_on_auth_failure(

@@ -29,6 +29,7 @@ from .._exceptions import (
     ReplyTooLargeError,
 )
 from .._fanout import BatchResult
+from .._hooks import AttemptEvent, AttemptHook
 from .._progress import INSTALL_HINT, Progress
 from .._run import run
 from .batch_io import (
@@ -125,6 +126,7 @@ class _Run:
     ok: int = 0
     failed: int = 0
     contract: int = 0
+    retries: int = 0
     signal: str | None = None
     loop: asyncio.AbstractEventLoop | None = None
     task: asyncio.Task[Any] | None = None
@@ -136,6 +138,11 @@ class _Run:
             self.loop.call_soon_threadsafe(self.task.cancel)
         else:
             raise _Terminated
+
+    def on_failure(self, event: AttemptEvent) -> None:
+        """The client's "failure" hook: count the attempts that will be retried."""
+        if event.will_retry:
+            self.retries += 1
 
     def count(self, result: BatchResult) -> ModalLLMError | None:
         """Count ``result``; return an error that should stop the whole run, if any."""
@@ -185,7 +192,8 @@ def _batch(args: argparse.Namespace, state: _Run) -> int:
         raise CliExit(EXIT_USAGE, "Parquet INPUT cannot come from stdin: give its file name")
     check_paths(args.input, args.output)
     # A bad URL or half a credential fails here, before any file is created.
-    client = make_client(args, max_concurrency=args.concurrency)
+    hooks: dict[str, list[AttemptHook]] = {"failure": [state.on_failure]}
+    client = make_client(args, max_concurrency=args.concurrency, event_hooks=hooks)
 
     done: set[str] = set()
     sink: Any
@@ -256,7 +264,7 @@ def _batch(args: argparse.Namespace, state: _Run) -> int:
                 )
             raise
 
-    parts = [f"{state.ok} succeeded", f"{state.failed} failed"]
+    parts = [f"{state.ok} succeeded", f"{state.failed} failed", f"{state.retries} retries"]
     if source.bad:
         parts.append(f"{source.bad} bad input lines skipped")
     if source.skipped:

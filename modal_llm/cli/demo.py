@@ -71,7 +71,7 @@ async def demo(args: argparse.Namespace) -> int:
         failures: list[str] = []
 
         def on_failure(event: AttemptEvent) -> None:
-            if event.error is not None:
+            if event.error is not None and event.will_retry:
                 failures.append(_status_of(event.error))
 
         hooks: dict[str, list[AttemptHook]] = {"failure": [on_failure]}
@@ -103,7 +103,7 @@ async def demo(args: argparse.Namespace) -> int:
                 progress.close()
             elapsed = time.perf_counter() - started
         stats = app[STATS]
-        http = _Requests(stats.posts + stats.gets, stream_retries, stats.gets)
+        http = _Requests(stats.posts + stats.gets, stream_retries, len(failures), stats.gets)
     _summary(results, elapsed, http, args.concurrency)
     return EXIT_OK
 
@@ -118,13 +118,14 @@ class _Requests:
 
     total: int
     stream_retries: int
+    retries: int
     polls: int
 
 
 def _summary(results: list[BatchResult], elapsed: float, http: _Requests, conc: int) -> None:
     errors = sum(1 for r in results if not r.ok)
-    batch_retries = sum(max(0, r.attempts - 1) for r in results)
-    retries = http.stream_retries + batch_retries
+    retries = http.retries  # counted by the client's "failure" event hook
+    batch_retries = retries - http.stream_retries
     calls = 1 + len(results)
     latencies = sorted(r.latency for r in results)
     sample = next((r for r in results if r.ok), None)
