@@ -25,7 +25,7 @@ def run(coro: Coroutine[Any, Any, T], *, uvloop: bool | None = None) -> T:
             async with modal_llm.AsyncClient(url) as client:
                 ...
 
-        modal_llm.run(main())          # uvloop if installed (pip install "modal-llm[speed]")
+        modal_llm.run(main())          # uvloop if installed (pip install uvloop)
 
     ``uvloop=None`` uses it when importable unless ``MODAL_LLM_NO_UVLOOP`` is set;
     ``True`` requires it; ``False`` never uses it.

@@ -61,9 +61,7 @@ def closed_port() -> int:
     [
         ("http://[::1:20500/", "one pair of brackets"),
         ("http://127.0.0.1:99999/", "from 1 to 65535"),
-        ("http://127.0.0.1:0/", "from 1 to 65535"),
         ("htp://example.com/", "must be an http(s) URL"),
-        ("http://exa mple.com/", "whitespace"),
     ],
 )
 async def test_a_malformed_url_is_one_line_and_exit_3(
@@ -72,6 +70,8 @@ async def test_a_malformed_url_is_one_line_and_exit_3(
     ran = await modal_llm("generate", "--endpoint", url, "hi")
     assert ran.code == EXIT_CONFIG
     ran.one_line_error("is malformed", needle)
+    if "[" not in url:
+        return  # the kinds differ in the library's check (test_endpoint_url.py); one batch run
 
     source = write_prompts(tmp_path / "in.jsonl", 2)
     output = tmp_path / "out.jsonl"

@@ -451,4 +451,4 @@ def test_missing_langchain_core_gives_an_install_hint() -> None:
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60
     )
-    assert "pip install 'modal-llm[langchain]'" in done.stdout
+    assert "pip install 'langchain-core>=1,<2'" in done.stdout

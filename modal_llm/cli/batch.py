@@ -100,7 +100,8 @@ def add_parser(commands: Any, endpoint: argparse.ArgumentParser) -> None:
         "--concurrency",
         type=positive_int,
         default=DEFAULT_MAX_CONCURRENCY,
-        help="requests in flight (default: %(default)s)",
+        metavar="N",
+        help="requests in flight: the client's max_concurrency (default: %(default)s)",
     )
     parser.add_argument("--rate", type=positive_float, metavar="PER_SECOND", help="rate limit")
     parser.add_argument(

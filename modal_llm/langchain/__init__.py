@@ -17,7 +17,8 @@ try:
     import langchain_core  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "modal_llm.langchain needs langchain-core: pip install 'modal-llm[langchain]'"
+        "modal_llm.langchain needs langchain-core: pip install 'langchain-core>=1,<2' "
+        "(or, in a checkout of modal-llm: pip install -e '.[langchain]')"
     ) from exc
 
 from ._base import UnsupportedFeatureError
