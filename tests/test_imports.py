@@ -82,3 +82,11 @@ def test_fan_out_does_not_know_the_client() -> None:
 def test_the_cycle_finder_finds_cycles() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_architecture_page_names_every_module() -> None:
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    names = {path.stem for path in PACKAGE.glob("_*.py")} - {"__init__", "__main__"}
+    names |= {f"{path.parent.name}/" for path in PACKAGE.glob("*/__init__.py")}
+    missing = sorted(name for name in names if f"`{name}" not in text)
+    assert missing == [], f"docs/architecture.md does not place {missing}"
