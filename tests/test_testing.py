@@ -99,6 +99,8 @@ async def test_the_switches_are_the_server_config_fields(session: aiohttp.Client
         local_endpoint(script=[302])
     with pytest.raises(ConfigError, match="sequence"):
         local_endpoint(script="hello")
+    with pytest.raises(ConfigError, match="sequence"):
+        local_endpoint(script=StreamReply(["a"]))
 
 
 async def test_url_before_start_is_an_error() -> None:

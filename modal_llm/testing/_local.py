@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -39,7 +39,9 @@ def _split(
         )
     values = dict(switches)
     script = values.pop("script", None)
-    if isinstance(script, (str, bytes, dict)):
+    if script is not None and (
+        isinstance(script, (str, bytes, dict)) or not isinstance(script, Iterable)
+    ):
         raise ConfigError("script must be a sequence of entries, e.g. [429, 'hello']")
     entries = None if script is None else list(script)
     if entries is not None:
