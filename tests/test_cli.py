@@ -143,6 +143,8 @@ async def test_generate_error_exit_codes(
 async def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert await run_cli("generate", "--param", "no-equals-sign", "hi") == EXIT_USAGE
     assert "expected key=value" in capsys.readouterr().err
+    assert await run_cli("generate", "--param", "timeout=5", "hi") == EXIT_USAGE
+    assert "names a client option, not a model argument: use --timeout" in capsys.readouterr().err
     assert await run_cli("batch", "in.jsonl") == EXIT_USAGE  # no -o
     assert await run_cli() == EXIT_USAGE
     assert "demo" in capsys.readouterr().err

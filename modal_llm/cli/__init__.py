@@ -1,9 +1,10 @@
 """The ``modal-llm`` command: ``demo``, ``generate``, ``batch`` and ``serve``.
 
-One module per command (``demo``, ``generate``, ``batch`` with its files in ``batch_io``,
-``serve``), and ``common`` for what they share. Expected failures end with one line on
-stderr and a distinct exit status (``EXIT_CODES``, docs/cli.md), never a traceback. tqdm,
-uvloop and the reference endpoint are imported only when a command needs them.
+One module per command (``demo``, ``generate``, ``batch`` with its files in ``batch_input``,
+``batch_output`` and ``parquet``, ``serve``), and ``common`` for what they share. Expected
+failures end with one line on stderr and a distinct exit status (``EXIT_CODES``,
+docs/cli.md), never a traceback. tqdm, uvloop, pyarrow and the reference endpoint are
+imported only when a command needs them.
 """
 
 from __future__ import annotations

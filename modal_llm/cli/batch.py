@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -32,17 +33,8 @@ from .._fanout import BatchResult
 from .._hooks import AttemptEvent, AttemptHook
 from .._progress import INSTALL_HINT, Progress
 from .._run import run
-from .batch_io import (
-    BatchInput,
-    IdCheck,
-    JsonlSink,
-    check_paths,
-    completed_ids,
-    is_parquet,
-    os_problem,
-    record,
-    scan_lines,
-)
+from .batch_input import BatchInput, IdCheck, check_paths, is_parquet, os_problem, scan_lines
+from .batch_output import JsonlSink, completed_ids, record
 from .common import (
     EXIT_BAD_INPUT,
     EXIT_CONFIG,
@@ -222,7 +214,7 @@ def _batch(args: argparse.Namespace, state: _Run) -> int:
             stream = _open_input(args.input)
             if stream is not sys.stdin.buffer:
                 stack.callback(stream.close)
-            if args.input != "-" and _is_regular(args.input):
+            if args.input != "-" and os.path.isfile(args.input):
                 try:
                     fmt, total = scan_lines(stream, fmt, check)
                 except OSError as exc:
@@ -283,12 +275,6 @@ def _open_input(path: str) -> Any:
         return open(path, "rb")
     except OSError as exc:
         raise CliExit(EXIT_USAGE, f"cannot read INPUT {path}: {os_problem(exc)}") from None
-
-
-def _is_regular(path: str) -> bool:
-    import os
-
-    return os.path.isfile(path)
 
 
 async def _run_batch(

@@ -134,6 +134,13 @@ def prepare_stdout() -> None:
 # -- argument types ---------------------------------------------------------------------------
 
 
+_CLIENT_ARGUMENTS: Final = {
+    "stop": "use --stop (or a per-item 'stop' key in batch JSONL)",
+    "timeout": "use --timeout",
+    "headers": "headers are not set from the command line",
+}
+
+
 def _param(text: str) -> tuple[str, Any]:
     """``key=value``; the value is JSON when it parses as JSON, else the string itself."""
     key, sep, raw = text.partition("=")
@@ -142,6 +149,11 @@ def _param(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"expected key=value, not {text!r}")
     if key == "prompt":
         raise argparse.ArgumentTypeError("'prompt' is not a model argument; pass the prompt itself")
+    if key in _CLIENT_ARGUMENTS:
+        # generate(prompt, stop=, headers=, timeout=, **extra) would take these itself.
+        raise argparse.ArgumentTypeError(
+            f"{key!r} names a client option, not a model argument: {_CLIENT_ARGUMENTS[key]}"
+        )
     try:
         value = json.loads(raw)
     except ValueError:

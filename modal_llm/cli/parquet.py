@@ -16,7 +16,8 @@ import os
 from collections.abc import Iterator
 from typing import Any, Final
 
-from .batch_io import IdCheck, JsonlSink, completed_ids, id_key, os_problem
+from .batch_input import IdCheck, id_key, os_problem
+from .batch_output import JsonlSink, completed_ids
 from .common import EXIT_USAGE, CliExit, one_line
 
 __all__ = ["JOURNAL_SUFFIX", "ParquetSink", "parquet_rows", "require_pyarrow", "scan_parquet"]

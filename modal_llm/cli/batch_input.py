@@ -1,12 +1,9 @@
-"""The files of ``modal-llm batch``: INPUT read lazily into items, OUTPUT written a record
-at a time, and what a rerun needs to resume.
+"""INPUT of ``modal-llm batch``: the paths checked, lines read lazily into items, ids checked.
 
 INPUT is JSONL, plain text (one prompt per line) or Parquet (``parquet.py``). A regular
 file is scanned once before anything is sent (duplicate ids are refused there, and the
 count feeds the progress bar); stdin is read a chunk of lines at a time in a daemon thread,
 so a slow producer never blocks the event loop, and its ids are checked as they come.
-OUTPUT is append-only JSONL (or Parquet through a JSONL journal, ``parquet.py``); the ids
-it already holds a ``"text"`` for are skipped on a rerun.
 """
 
 from __future__ import annotations
@@ -22,21 +19,18 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
-from .._exceptions import StatusError
-from .._fanout import BatchItem, BatchResult
+from .._fanout import BatchItem
 from .._progress import Progress
 from .common import EXIT_USAGE, CliExit, one_line
 
 __all__ = [
     "BatchInput",
     "IdCheck",
-    "JsonlSink",
     "check_paths",
-    "completed_ids",
     "id_key",
     "is_parquet",
     "os_problem",
-    "record",
+    "scan_lines",
 ]
 
 _READ_CHUNK: Final = 64 * 1024
@@ -364,143 +358,3 @@ class BatchInput:
             raise CliExit(
                 EXIT_USAGE, f"cannot read INPUT {self.name} after line {where}: {os_problem(exc)}"
             ) from None
-
-
-# -- output -----------------------------------------------------------------------------------
-
-
-def completed_ids(path: str, done: set[str] | None = None) -> tuple[set[str], bool]:
-    """Ids that a JSONL OUTPUT already holds a successful result for (added to ``done``), and
-    whether it lacks a final newline (a line cut short by a crash: it is ignored and the next
-    record starts afresh)."""
-    done = set() if done is None else done
-    if os.path.exists(path) and not os.path.isfile(path):
-        return done, False  # a device or a pipe (/dev/stdout, /dev/null): nothing to resume
-    try:
-        handle = open(path, "rb")  # noqa: SIM115
-    except FileNotFoundError:
-        return done, False
-    except OSError as exc:
-        raise CliExit(
-            EXIT_USAGE, f"cannot read OUTPUT {path} to resume from it: {os_problem(exc)}"
-        ) from None
-    last = b"\n"
-    with handle:
-        try:
-            for raw in handle:
-                last = raw
-                try:
-                    parsed = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(parsed, dict) and "id" in parsed and "text" in parsed:
-                    done.add(id_key(parsed["id"]))
-        except OSError as exc:
-            raise CliExit(
-                EXIT_USAGE, f"cannot read OUTPUT {path} to resume from it: {os_problem(exc)}"
-            ) from None
-    return done, not last.endswith(b"\n")
-
-
-def record(result: BatchResult) -> dict[str, Any]:
-    """The OUTPUT record of one result (docs/cli.md, "Output")."""
-    out: dict[str, Any] = {"id": result.id}
-    if result.error is None:
-        out["text"] = result.text
-    else:
-        error: dict[str, Any] = {
-            "type": type(result.error).__name__,
-            "message": one_line(result.error),
-        }
-        if isinstance(result.error, StatusError):
-            error["status"] = result.error.status_code
-        out["error"] = error
-    out["attempts"] = result.attempts
-    out["latency"] = round(result.latency, 4)
-    return out
-
-
-class JsonlSink:
-    """OUTPUT as JSONL (``-``: stdout), appended and flushed one record at a time.
-
-    A failed write (disk full, a closed pipe) raises ``CliExit``; what was written before it
-    stays, whole lines only up to a last line that a rerun ignores.
-    """
-
-    def __init__(self, path: str, *, label: str = "OUTPUT") -> None:
-        self.path = path
-        self.name = "stdout" if path == "-" else path
-        self.label = label
-        self.written = 0
-        self._handle: IO[str] | None = None
-        self.broken = False
-
-    def open(self) -> None:
-        """Open for appending; a last line without its newline (a crash) is ended first."""
-        if self.path == "-":
-            self._handle = sys.stdout
-            return
-        needs_newline = _ends_open(self.path)
-        try:
-            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-        except OSError as exc:
-            raise CliExit(
-                EXIT_USAGE, f"cannot write {self.label} {self.path}: {os_problem(exc)}"
-            ) from None
-        if needs_newline:
-            self._write("\n")
-
-    def write(self, data: dict[str, Any]) -> None:
-        """Append one record and flush it."""
-        self._write(json.dumps(data, ensure_ascii=False) + "\n")
-        self.written += 1
-
-    def _write(self, text: str) -> None:
-        assert self._handle is not None
-        try:
-            self._handle.write(text)
-            self._handle.flush()
-        except OSError as exc:
-            self.broken = True
-            if self._handle is sys.stdout:
-                _silence_stdout()
-            raise CliExit(
-                EXIT_USAGE, f"cannot write results to {self.name}: {os_problem(exc)}"
-            ) from None
-
-    def close(self) -> None:
-        """Close (never stdout); after a failed write the unwritten rest is dropped."""
-        handle, self._handle = self._handle, None
-        if handle is None or handle is sys.stdout:
-            return
-        try:
-            handle.close()
-        except OSError as exc:
-            if not self.broken:
-                raise CliExit(
-                    EXIT_USAGE, f"cannot write results to {self.name}: {os_problem(exc)}"
-                ) from None
-
-
-def _ends_open(path: str) -> bool:
-    """Whether the file at ``path`` exists, is not empty and lacks a final newline."""
-    if not os.path.isfile(path):
-        return False
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            if handle.tell() == 0:
-                return False
-            handle.seek(-1, os.SEEK_END)
-            return handle.read(1) != b"\n"
-    except OSError:
-        return False
-
-
-def _silence_stdout() -> None:
-    """After stdout broke (a closed pipe), point it at /dev/null so that the interpreter's
-    last flush does not print a second error."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
