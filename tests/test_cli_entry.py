@@ -182,9 +182,21 @@ async def held() -> AsyncIterator[tuple[HeldEndpoint, str]]:
         yield endpoint, url
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+@pytest.mark.parametrize(
+    ("suffix", "sig", "code", "name"),
+    [
+        ("jsonl", signal.SIGTERM, EXIT_TERMINATED, "SIGTERM"),
+        ("parquet", signal.SIGTERM, EXIT_TERMINATED, "SIGTERM"),
+        ("jsonl", signal.SIGINT, EXIT_INTERRUPTED, "Ctrl-C"),
+    ],
+)
 async def test_sigterm_on_batch_flushes_says_so_and_the_rerun_resumes(
-    tmp_path: Path, held: tuple[HeldEndpoint, str], suffix: str
+    tmp_path: Path,
+    held: tuple[HeldEndpoint, str],
+    suffix: str,
+    sig: signal.Signals,
+    code: int,
+    name: str,
 ) -> None:
     endpoint, url = held
     source = write_prompts(tmp_path / "in.jsonl", 12)
@@ -192,9 +204,9 @@ async def test_sigterm_on_batch_flushes_says_so_and_the_rerun_resumes(
     args = ("batch", str(source), "-o", str(output), "--concurrency", "2", "--max-retries", "0")
     proc = await start(*args, "--endpoint", url)
     await asyncio.wait_for(endpoint.held.wait(), 30)
-    ran = await finish(proc, signal.SIGTERM)
-    assert ran.code == EXIT_TERMINATED
-    line = ran.one_line_error("interrupted by SIGTERM", prefix="modal-llm: ")
+    ran = await finish(proc, sig)
+    assert ran.code == code
+    line = ran.one_line_error(f"interrupted by {name}", prefix="modal-llm: ")
     assert "rerun the same command to resume" in line and str(output) in line
 
     async with serve(ServerConfig()) as clean_url:
