@@ -35,6 +35,7 @@ from modal_llm import (
     Client,
     ConfigError,
     RateLimitError,
+    ResultPendingError,
     RetryPolicy,
     ServerError,
     StreamError,
@@ -235,6 +236,20 @@ async def test_redirect_hops_are_counted(otel: Otel) -> None:
     assert hops >= 1
 
 
+async def test_a_resumed_call_is_its_own_span(otel: Otel) -> None:
+    config = ServerConfig(work_time=0.3, hop_time=0.05)
+    async with serve(config) as url, AsyncClient(url, max_redirects=1, **otel.providers) as client:
+        with pytest.raises(ResultPendingError) as info:
+            await client.generate("long job")
+        completion = await client.resume(info.value.result_url, max_redirects=50)
+    assert completion.text
+    first, resumed = otel.spans()
+    assert attrs(first)["error.type"] == "ResultPendingError"
+    assert resumed.name == "text_completion modal"
+    assert resumed.status.status_code is StatusCode.UNSET
+    assert attrs(resumed)["modal_llm.redirect_hops"] >= 1  # type: ignore[operator]
+
+
 # -- streams ----------------------------------------------------------------------------------
 
 
@@ -254,6 +269,23 @@ async def test_a_stream_records_time_to_first_chunk(otel: Otel, endpoint: str) -
     assert ttfc.attributes["gen_ai.request.model"] == "tiny"
     (duration,) = otel.points("gen_ai.client.operation.duration")
     assert duration.sum >= ttfc.sum
+
+
+async def test_a_stream_retried_before_its_first_piece_has_a_retry_event(otel: Otel) -> None:
+    config = ServerConfig(pieces=3, error_burst=1, error_status=503, retry_after="0")
+    async with (
+        serve(config) as url,
+        AsyncClient(url, retry=NO_WAIT, **otel.providers) as client,
+        client.stream("hello there") as pieces,
+    ):
+        assert [p async for p in pieces]
+    span = otel.span()
+    (event,) = span.events
+    assert event.attributes is not None
+    assert event.attributes["http.response.status_code"] == 503
+    assert attrs(span)["modal_llm.attempts"] == 2
+    (retries,) = otel.points("modal_llm.client.retries")
+    assert retries.attributes["http.response.status_code"] == 503
 
 
 async def test_a_stream_the_caller_leaves_early_is_not_an_error(otel: Otel, endpoint: str) -> None:
