@@ -257,7 +257,8 @@ def _batch(args: argparse.Namespace, state: _Run) -> int:
                 )
             raise
 
-    parts = [f"{state.ok} succeeded", f"{state.failed} failed", f"{state.retries} retr{'y' if state.retries == 1 else 'ies'}"]
+    retries = f"{state.retries} retr{'y' if state.retries == 1 else 'ies'}"
+    parts = [f"{state.ok} succeeded", f"{state.failed} failed", retries]
     if source.bad:
         parts.append(f"{source.bad} bad input lines skipped")
     if source.skipped:
