@@ -162,7 +162,9 @@ class _Instruments:
         )
         # Calls in flight are plain ints read at collection time: an UpDownCounter would
         # cost two SDK measurements per call for what a reader samples every few seconds.
-        self._active: dict[tuple[Any, ...], _Active] = {}
+        # One count per client (changed only on its loop's thread), summed per endpoint.
+        self._lock = threading.Lock()  # registration only; the reader takes snapshots
+        self._active: dict[int, weakref.ref[_Active]] = {}
         meter.create_observable_up_down_counter(
             "modal_llm.client.active_requests",
             callbacks=[self._observe_active],
@@ -179,22 +181,34 @@ class _Instruments:
         )
 
     def active_for(self, attributes: Mapping[str, Any]) -> _Active:
-        """The in-flight count of calls with these attributes (one endpoint)."""
-        key = tuple(sorted(attributes.items()))
-        found = self._active.get(key)
-        if found is None:
-            found = self._active.setdefault(key, _Active(attributes))
-        return found
+        """A new in-flight count for one client; reported while the client lives."""
+        active = _Active(attributes)
+        with self._lock:
+            self._active[next(self._keys)] = weakref.ref(active)
+        return active
 
     def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(a.count, dict(a.attributes)) for a in tuple(self._active.values())]
+        with self._lock:
+            refs = list(self._active.items())
+        totals: dict[tuple[Any, ...], tuple[int, Mapping[str, Any]]] = {}
+        for key, ref in refs:
+            active = ref()
+            if active is None:  # its client is gone
+                with self._lock:
+                    self._active.pop(key, None)
+                continue
+            total, _ = totals.get(active.group, (0, active.attributes))
+            totals[active.group] = (total + active.count, active.attributes)
+        return [Observation(total, dict(attributes)) for total, attributes in totals.values()]
 
     def track(self, limiter: LimitLike, attributes: Mapping[str, Any]) -> Callable[[], None]:
         key = next(self._keys)
-        self._limits[key] = (limiter, attributes)
+        with self._lock:
+            self._limits[key] = (limiter, attributes)
 
         def untrack() -> None:
-            self._limits.pop(key, None)
+            with self._lock:
+                self._limits.pop(key, None)
 
         return untrack
 
@@ -202,7 +216,9 @@ class _Instruments:
         # Runs on the metric reader's thread: read a snapshot, never the live dict.
         totals: dict[tuple[Any, ...], tuple[int, Mapping[str, Any]]] = {}
         seen: set[tuple[int, tuple[Any, ...]]] = set()
-        for limiter, attributes in tuple(self._limits.values()):
+        with self._lock:
+            tracked = list(self._limits.values())
+        for limiter, attributes in tracked:
             group = tuple(sorted(attributes.items()))
             if (id(limiter), group) in seen:  # one limiter shared by two maps counts once
                 continue
@@ -213,12 +229,13 @@ class _Instruments:
 
 
 class _Active:
-    """Calls in flight to one endpoint; changed on the loop, read by the metric reader."""
+    """One client's calls in flight; changed on its loop, read by the metric reader."""
 
-    __slots__ = ("attributes", "count")
+    __slots__ = ("__weakref__", "attributes", "count", "group")
 
     def __init__(self, attributes: Mapping[str, Any]) -> None:
         self.attributes = dict(attributes)
+        self.group = tuple(sorted(self.attributes.items()))
         self.count = 0
 
 

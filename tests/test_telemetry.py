@@ -479,6 +479,8 @@ async def test_clients_sharing_a_meter_provider_share_instruments(
         await two.generate("b")
     (duration,) = otel.points("gen_ai.client.operation.duration")
     assert duration.count == 2
+    (active,) = otel.points("modal_llm.client.active_requests")  # one endpoint: one sum
+    assert active.value == 0
 
 
 # -- when nothing is recorded -------------------------------------------------------------------
