@@ -419,6 +419,8 @@ async def open_mllm_timed(url: str, concurrency: int) -> AsyncIterator[TimedRun]
         yield run
 
 
+from benchmarks._langchain import open_chat, open_langchain_config  # noqa: E402
+
 # --- registry --------------------------------------------------------------------------------
 
 
@@ -466,6 +468,10 @@ CLIENTS: dict[str, ClientSpec] = {
                    batch_sync=open_mllm_sync),
         ClientSpec("mllm-langchain", "modal_llm.langchain Modal.abatch", "modal-llm",
                    ("modal_llm",), open_mllm_langchain),
+        ClientSpec("mllm-langchain-config", "Modal.abatch, config max_concurrency only",
+                   "modal-llm", ("modal_llm",), open_langchain_config),
+        ClientSpec("mllm-chat", "ChatModal.abatch, config max_concurrency only", "modal-llm",
+                   ("modal_llm",), open_chat),
         ClientSpec("mllm-stream", "modal-llm client.stream", "modal-llm", ("modal_llm",),
                    stream=open_mllm_stream, timed_stream=open_mllm_timed),
         ClientSpec("mllm-many-uvloop", "modal-llm generate_many, modal_llm.run (uvloop)",

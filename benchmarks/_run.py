@@ -40,6 +40,8 @@ DEFAULT_CLIENTS: dict[str, tuple[str, ...]] = {
         "mllm-map-ordered",
         "mllm-sync",
         "mllm-langchain",
+        "mllm-langchain-config",
+        "mllm-chat",
         "mllm-many-uvloop",
     ),
     "fanout": (
@@ -53,8 +55,10 @@ DEFAULT_CLIENTS: dict[str, tuple[str, ...]] = {
         "mllm-map-ordered",
         "mllm-sync",
         "mllm-langchain",
+        "mllm-langchain-config",
+        "mllm-chat",
     ),
-    "memory": ("aiohttp", "mllm-many", "mllm-map", "mllm-langchain"),
+    "memory": ("aiohttp", "mllm-many", "mllm-map", "mllm-langchain", "mllm-chat"),
     "stream": ("aiohttp", "mllm-stream"),
     "streams": ("aiohttp", "mllm-stream"),
 }
@@ -150,7 +154,7 @@ class Plan:
             "open_stream_pieces": 10,
             "open_stream_piece_delay": 0.01,
             "open_stream_ramp_s": 0.1,
-            "skipped": ("memory:mllm-langchain",),
+            "skipped": ("memory:mllm-langchain", "memory:mllm-chat"),
             "timeout": 120.0,
         }
         values.update(overrides)

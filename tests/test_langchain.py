@@ -452,3 +452,51 @@ def test_missing_langchain_core_gives_an_install_hint() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60
     )
     assert "pip install 'langchain-core>=1,<2'" in done.stdout
+
+
+# -- abatch when nothing observes the runs: straight to the client, same results ------------
+
+
+async def test_quiet_abatch_matches_ainvoke(llm: Modal, endpoint: ThreadedEndpoint) -> None:
+    from langchain_core.messages import HumanMessage
+    from langchain_core.prompt_values import StringPromptValue
+
+    inputs: list[Any] = ["a", StringPromptValue(text="b"), [HumanMessage("c")]]
+    assert await llm._quiet_call(None, {}) is not None  # this batch takes the quiet path
+    quiet = await llm.abatch(inputs, stop=["::"], temperature=0.5)
+    sent_quiet = list(endpoint.bodies)
+    endpoint.bodies.clear()
+    one_by_one = [await llm.ainvoke(x, stop=["::"], temperature=0.5) for x in inputs]
+    assert quiet == one_by_one == ["a ", "b ", "Human: c "]
+    assert sent_quiet == endpoint.bodies
+
+
+async def test_quiet_abatch_keeps_errors_per_input(llm: Modal) -> None:
+    results: list[Any] = await llm.abatch(["a", "fail: b", "c"], return_exceptions=True)
+    assert results[0] == echo("a", max_tokens=8)
+    assert isinstance(results[1], StatusError)
+    assert results[2] == echo("c", max_tokens=8)
+    with pytest.raises(StatusError):
+        await llm.abatch(["a", "fail: b", "c"])
+    # Bad model arguments fail per input too, as LangChain's own path does.
+    bad: list[Any] = await llm.abatch(["a", "b"], return_exceptions=True, stop=[""])
+    assert all(isinstance(item, ValueError) for item in bad)
+
+
+async def test_observed_batches_go_through_langchain(endpoint: ThreadedEndpoint) -> None:
+    from langchain_core.caches import InMemoryCache
+
+    llm = Modal(endpoint_url=endpoint.url)
+    recorder = Recorder()
+    assert await llm._quiet_call({"callbacks": [recorder]}, {}) is None
+    assert await llm._quiet_call([{}, {"callbacks": [recorder]}], {}) is None
+    watched = Modal(endpoint_url=endpoint.url, callbacks=[recorder])
+    assert await watched._quiet_call(None, {}) is None
+    assert await Modal(endpoint_url=endpoint.url, streaming=True)._quiet_call(None, {}) is None
+    cached = Modal(endpoint_url=endpoint.url, cache=InMemoryCache())
+    assert await cached._quiet_call(None, {}) is None
+    assert await cached.abatch(["x"]) == [echo("x")]
+    assert await cached.abatch(["x", "x"]) == [echo("x")] * 2
+    assert len(endpoint.bodies) == 1  # the others came from the cache
+    await llm.abatch(["p", "q"], config={"callbacks": [recorder]})
+    assert len(recorder.serialized) == 2  # one LangChain run per input

@@ -256,3 +256,32 @@ def test_api_key_is_not_a_field(endpoint: ThreadedEndpoint) -> None:
         chat = ChatModal(endpoint_url=endpoint.url, api_key="k")  # type: ignore[call-arg]
     assert chat.model_kwargs == {"api_key": "k"}
     assert json.dumps(chat._identifying_params)
+
+
+async def test_quiet_abatch_matches_ainvoke(endpoint: ThreadedEndpoint) -> None:
+    for chat in (
+        ChatModal(endpoint_url=endpoint.url, max_tokens=3),
+        ChatModal(endpoint_url=endpoint.url, send_messages=True, stop=["::"]),
+        ChatModal(endpoint_url=endpoint.url, formatter=last_text),
+    ):
+        inputs: list[Any] = ["a", [SystemMessage("s"), HumanMessage("b")]]
+        assert await chat._quiet_call(None, {}) is not None
+        endpoint.bodies.clear()
+        quiet = await chat.abatch(inputs)
+        sent_quiet = list(endpoint.bodies)
+        endpoint.bodies.clear()
+        one_by_one = [await chat.ainvoke(x) for x in inputs]
+        assert sent_quiet == endpoint.bodies
+        for got, want in zip(quiet, one_by_one, strict=True):
+            assert type(got) is type(want) is AIMessage
+            assert got.content == want.content
+            assert got.response_metadata == want.response_metadata
+            assert got.id is not None
+            assert got.id.startswith("lc_run--")
+            assert got.id.endswith("-0")
+        assert quiet[0].id != quiet[1].id
+
+
+async def test_quiet_abatch_refusals_stay_per_input(chat: ChatModal) -> None:
+    results = await chat.abatch(["a", "b"], return_exceptions=True, tools=[{"name": "x"}])
+    assert all(isinstance(item, UnsupportedFeatureError) for item in results)

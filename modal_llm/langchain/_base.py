@@ -13,11 +13,14 @@ import copy
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
+from langchain_core.caches import BaseCache
+from langchain_core.callbacks import AsyncCallbackManager, BaseCallbackManager, Callbacks
+from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import (
@@ -435,25 +438,87 @@ class ModalBase(BaseModel):
         """``ainvoke`` each input, at most ``max_concurrency`` (config or field) at once.
 
         With ``return_exceptions=True`` a failing input's slot holds its own exception;
-        otherwise the first failure cancels the rest and is raised.
+        otherwise the first failure cancels the rest and is raised. When nothing observes
+        the runs (no callbacks or tracer, no cache; see docs/langchain.md) the inputs go
+        straight to the client with the model arguments worked out once for the batch,
+        the same results and errors without LangChain's per-run bookkeeping.
         """
         if not inputs:
             return []
-        configs = get_config_list(config, len(inputs))
-        requested = configs[0].get("max_concurrency")
-        limit = requested or self.max_concurrency
-        ainvoke = cast(Any, self).ainvoke
-
-        async def one(pair: tuple[LanguageModelInput, RunnableConfig]) -> Any:
-            return await ainvoke(pair[0], pair[1], **kwargs)
-
+        if isinstance(config, Sequence) and len(config) != len(inputs):
+            get_config_list(config, len(inputs))  # raises LangChain's own ValueError
+        first = config[0] if isinstance(config, Sequence) else config
+        requested = (first or {}).get("max_concurrency")
+        limit = min(requested or self.max_concurrency, len(inputs))
         token = _REQUESTED.set(requested)
         try:
+            call = await self._quiet_call(config, kwargs)
+            if call is not None:
+                return await gather_bounded(
+                    call, inputs, concurrency=limit, return_exceptions=return_exceptions
+                )
+            configs = get_config_list(config, len(inputs))
+            ainvoke = cast(Any, self).ainvoke
+
+            async def one(pair: tuple[LanguageModelInput, RunnableConfig]) -> Any:
+                return await ainvoke(pair[0], pair[1], **kwargs)
+
             return await gather_bounded(
                 one,
                 zip(inputs, configs, strict=True),
-                concurrency=min(limit, len(inputs)),
+                concurrency=limit,
                 return_exceptions=return_exceptions,
             )
         finally:
             _REQUESTED.reset(token)
+
+    # -- batches nobody observes -----------------------------------------------------------
+
+    def _observed(self, config: RunnableConfig | list[RunnableConfig] | None) -> bool:
+        """Whether a run under ``config`` has a callback, tracer or cache to serve."""
+        model = cast(Any, self)  # a LangChain model: callbacks, verbose and cache are its own
+        if model.callbacks or model.verbose or self.streaming:
+            return True
+        cache = model.cache
+        if cache is not False and (isinstance(cache, BaseCache) or get_llm_cache() is not None):
+            return True
+        configs = config if isinstance(config, Sequence) else [config]
+        first = ensure_config(configs[0])  # also the parent run's config, if any
+        # configure() adds what the environment asks for (LangSmith tracing, say).
+        manager = AsyncCallbackManager.configure(first.get("callbacks"), None, False)
+        if manager.handlers or manager.inheritable_handlers:
+            return True
+        return any(_has_handlers(c.get("callbacks")) for c in configs[1:] if c)
+
+    async def _quiet_call(
+        self, config: RunnableConfig | list[RunnableConfig] | None, kwargs: dict[str, Any]
+    ) -> Callable[[LanguageModelInput], Awaitable[Any]] | None:
+        """A per-input call for a batch nobody observes, or ``None`` to run LangChain's way.
+
+        ``None`` also when the model arguments are invalid: LangChain's path then raises
+        (or, with ``return_exceptions``, returns) the error per input, as it always did.
+        """
+        if self._observed(config):
+            return None
+        args = dict(kwargs)
+        stop = args.pop("stop", None)
+        try:
+            params = self._model_args(stop, args)
+        except ModalLLMError:
+            return None
+        client = await self._loop_client()
+        return self._batch_call(client, params)
+
+    def _batch_call(
+        self, client: AsyncClient, params: dict[str, Any]
+    ) -> Callable[[LanguageModelInput], Awaitable[Any]] | None:
+        """One input's call, as ``ainvoke`` would return it (hook; both classes define it)."""
+        return None
+
+
+def _has_handlers(callbacks: Callbacks) -> bool:
+    if callbacks is None:
+        return False
+    if isinstance(callbacks, BaseCallbackManager):
+        return bool(callbacks.handlers or callbacks.inheritable_handlers)
+    return bool(callbacks)

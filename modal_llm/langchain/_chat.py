@@ -7,16 +7,25 @@ also travel as a ``"messages"`` extra for endpoints that apply their own chat te
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.utils.utils import LC_ID_PREFIX
+from langchain_core.utils.uuid import uuid7
 from pydantic import Field
 
+from .._client import AsyncClient
 from .._models import Completion
 from .._stop import StopMatcher, normalize_stop
 from ._base import ModalBase, UnsupportedFeatureError
@@ -61,6 +70,11 @@ def _role(message: BaseMessage, roles: Mapping[str, str]) -> str:
     if isinstance(message, ChatMessage):
         return message.role
     return roles.get(message.type, message.type)
+
+
+def _human_turn(text: str) -> str:
+    """``transcript([HumanMessage(text)])`` without building the message."""
+    return f"Human: {text}\nAI:"
 
 
 def transcript(messages: Sequence[BaseMessage]) -> str:
@@ -168,22 +182,61 @@ class ChatModal(ModalBase, BaseChatModel):
         """The prompt and the client's keyword arguments for ``messages``."""
         kwargs.pop("stream", None)  # LangChain's own switch, not a model argument
         params = self._model_args(stop, kwargs)
+        prompt = self._prompt(messages)
+        if self.send_messages:
+            params["messages"] = messages_payload(messages)
+        return prompt, params
+
+    def _prompt(self, messages: list[BaseMessage]) -> str:
         formatter = self.formatter or transcript
         prompt = formatter(messages)
         if not isinstance(prompt, str):
             raise UnsupportedFeatureError(
                 f"ChatModal's formatter must return a str, not {type(prompt).__name__}"
             )
-        if self.send_messages:
-            params["messages"] = messages_payload(messages)
-        return prompt, params
+        return prompt
+
+    def _batch_call(
+        self, client: AsyncClient, params: dict[str, Any]
+    ) -> Callable[[LanguageModelInput], Awaitable[AIMessage]] | None:
+        """``abatch``'s call when nothing observes the runs: what ``ainvoke`` returns."""
+        if params.pop("stream", None) or self.rate_limiter is not None:
+            return None
+        if self.output_version not in (None, "v0"):
+            return None
+        stops = params.pop("stop")
+        complete = client.complete
+        convert = self._convert_input
+        send_messages = self.send_messages
+        plain = self.formatter is None  # a str input's transcript needs no message objects
+
+        async def call(item: LanguageModelInput) -> AIMessage:
+            if plain and isinstance(item, str):
+                prompt = _human_turn(item)
+                payload = [{"role": "user", "content": item}]
+            else:
+                messages = convert(item).to_messages()
+                prompt = self._prompt(messages)
+                payload = messages_payload(messages) if send_messages else []
+            if send_messages:
+                completion = await complete(prompt, **params, messages=payload)
+            else:
+                completion = await complete(prompt, **params)
+            # LangChain names a reply after its run ("lc_run--<run id>-<index>").
+            return self._message(completion, stops, id=f"{LC_ID_PREFIX}-{uuid7()}-0")
+
+        return call
 
     @staticmethod
-    def _result(completion: Completion, stop: tuple[str, ...] | None) -> ChatResult:
+    def _message(completion: Completion, stop: tuple[str, ...] | None, **fields: Any) -> AIMessage:
+        """The reply as an ``AIMessage``; the reply's other keys go to ``response_metadata``."""
         text = completion.text if not stop else StopMatcher(stop).apply(completion.text)
         metadata = dict(completion.model_extra or {})
-        message = AIMessage(content=text, response_metadata=metadata)
-        return ChatResult(generations=[ChatGeneration(message=message)])
+        return AIMessage(content=text, response_metadata=metadata, **fields)
+
+    @classmethod
+    def _result(cls, completion: Completion, stop: tuple[str, ...] | None) -> ChatResult:
+        return ChatResult(generations=[ChatGeneration(message=cls._message(completion, stop))])
 
     def _generate(
         self,

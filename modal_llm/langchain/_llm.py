@@ -11,15 +11,17 @@ A drop-in replacement for ``langchain_community.llms.Modal``::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from .._batch import gather_bounded
+from .._client import AsyncClient
 from ._base import ModalBase
 
 __all__ = ["Modal"]
@@ -57,6 +59,19 @@ class Modal(ModalBase, LLM):
         return params
 
     # -- LangChain's hooks -----------------------------------------------------------------
+
+    def _batch_call(
+        self, client: AsyncClient, params: dict[str, Any]
+    ) -> Callable[[LanguageModelInput], Awaitable[str]]:
+        """``abatch``'s call when nothing observes the runs: what ``ainvoke`` returns."""
+        generate = client.generate
+        convert = self._convert_input
+
+        async def call(item: LanguageModelInput) -> str:
+            prompt = item if isinstance(item, str) else convert(item).to_string()
+            return await generate(prompt, **params)
+
+        return call
 
     def _call(
         self,

@@ -1,0 +1,59 @@
+"""The LangChain rows of issue 17 (the ``lc`` helper's): ``abatch`` driven by the config alone.
+
+``mllm-langchain-config`` is ``Modal(endpoint_url=url)`` with every field at its default
+and ``abatch(prompts, config={"max_concurrency": c})``: the config alone must get ``c``
+requests in flight (issue 12.2). ``mllm-chat`` is the same for ``ChatModal``; each reply is
+an ``AIMessage``, counted by its text. Registered in ``benchmarks._clients.CLIENTS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterable
+
+    from benchmarks._clients import AsyncRun
+
+
+def _classes() -> Any:
+    from benchmarks._clients import Unavailable, _modal_llm
+
+    _modal_llm()
+    try:
+        import modal_llm.langchain as lc
+    except ImportError as exc:
+        raise Unavailable(f"modal_llm.langchain is not available: {exc}") from exc
+    return lc
+
+
+@contextlib.asynccontextmanager
+async def open_langchain_config(url: str, concurrency: int) -> AsyncIterator[AsyncRun]:
+    """``Modal(endpoint_url=url).abatch(prompts, config={"max_concurrency": c})``."""
+    from benchmarks._clients import _count
+
+    llm = _classes().Modal(endpoint_url=url)
+
+    async def run(prompts: Iterable[str]) -> int:
+        return _count(await llm.abatch(list(prompts), config={"max_concurrency": concurrency}))
+
+    yield run
+
+
+@contextlib.asynccontextmanager
+async def open_chat(url: str, concurrency: int) -> AsyncIterator[AsyncRun]:
+    """``ChatModal(endpoint_url=url).abatch(prompts, config={"max_concurrency": c})``."""
+    from benchmarks._clients import Unavailable, _count
+
+    lc = _classes()
+    chat_class = getattr(lc, "ChatModal", None)
+    if chat_class is None:
+        raise Unavailable("modal_llm.langchain.ChatModal is not available yet")
+    chat = chat_class(endpoint_url=url)
+
+    async def run(prompts: Iterable[str]) -> int:
+        replies = await chat.abatch(list(prompts), config={"max_concurrency": concurrency})
+        return _count(getattr(reply, "text", None) for reply in replies)
+
+    yield run
