@@ -328,6 +328,33 @@ async def test_a_stream_cut_mid_reply_says_so() -> None:
     assert ran.out.endswith("\n") and ran.out.strip()
 
 
+async def test_a_unary_reply_cut_short_is_no_http_400(tmp_path: Path) -> None:
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read(65536)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+            b'\r\n{"prompt": "par'
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(cut, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    source = write_prompts(tmp_path / "in.jsonl", 1)
+    output = tmp_path / "out.jsonl"
+    async with server:
+        ran = await modal_llm("generate", "--max-retries", "0", "--endpoint", url, "hi")
+        batch = await modal_llm("batch", str(source), "-o", str(output), "--endpoint", url)
+    assert ran.code == EXIT_FAILED
+    line = ran.one_line_error("the reply was cut short", "closed mid-body", "received 15 of 100")
+    assert "400" not in line and "ContentLengthError" not in line
+    assert batch.code == EXIT_FAILED
+    [record] = records(output)
+    assert "closed mid-body" in record["error"]["message"]
+    assert "400" not in record["error"]["message"]
+
+
 async def test_an_unterminated_json_line_is_named(tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text(

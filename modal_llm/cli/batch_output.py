@@ -13,7 +13,7 @@ from typing import IO, Any
 from .._exceptions import StatusError
 from .._fanout import BatchResult
 from .batch_input import id_key, os_problem
-from .common import EXIT_USAGE, CliExit, one_line
+from .common import EXIT_USAGE, CliExit, error_text
 
 __all__ = ["JsonlSink", "completed_ids", "record"]
 
@@ -59,7 +59,7 @@ def record(result: BatchResult) -> dict[str, Any]:
     else:
         error: dict[str, Any] = {
             "type": type(result.error).__name__,
-            "message": one_line(result.error),
+            "message": error_text(result.error),
         }
         if isinstance(result.error, StatusError):
             error["status"] = result.error.status_code

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from typing import Any, Final
 
@@ -20,6 +21,7 @@ from .._config import DEFAULT_MAX_RETRIES, ENV_ENDPOINT_URL, ENV_KEY, ENV_SECRET
 from .._exceptions import (
     AuthenticationError,
     ConfigError,
+    ConnectError,
     EndpointTimeoutError,
     ModalLLMError,
     TransportError,
@@ -40,6 +42,7 @@ __all__ = [
     "CliExit",
     "endpoint_options",
     "error_exit",
+    "error_text",
     "fail",
     "make_client",
     "one_line",
@@ -101,9 +104,21 @@ def one_line(value: object) -> str:
     return " ".join(str(value).split())
 
 
+# aiohttp words a body cut short as "<TransferEncodingError: 400, message='Not enough
+# data ...'>", which reads like an HTTP 400 that the server never sent: keep the message.
+_AIOHTTP_PAYLOAD_ERROR: Final = re.compile(r"<\w+Error: \d+, message='([^']*)'>")
+
+
+def error_text(exc: BaseException) -> str:
+    """The message of ``exc`` on one line, without aiohttp's misleading payload-error repr."""
+    return _AIOHTTP_PAYLOAD_ERROR.sub(r"\1", one_line(exc))
+
+
 def error_exit(exc: ModalLLMError) -> CliExit:
     """Map an error that ends a command to its exit status and message."""
-    text = one_line(exc)
+    text = error_text(exc)
+    if isinstance(exc, ConnectError) and not exc.before_response:
+        return CliExit(EXIT_FAILED, f"the reply was cut short: {text}")
     if isinstance(exc, ConfigError):
         return CliExit(EXIT_CONFIG, text)
     if isinstance(exc, AuthenticationError):

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from .._exceptions import StreamInterruptedError
-from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliExit, make_client, one_line
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliExit, error_text, make_client
 
 __all__ = ["add_parser", "generate"]
 
@@ -81,9 +81,7 @@ def _end_line(line_open: bool) -> None:
 
 def _cut_short(exc: StreamInterruptedError, pieces: int, chars: int) -> str:
     got = f"after {pieces} pieces ({chars} characters, printed above)"
-    text = one_line(exc)
-    # aiohttp words a body cut short as "<TransferEncodingError: 400, ...>", which reads
-    # like an HTTP 400 that the server never sent.
-    if "TransferEncodingError" in text or "payload is not completed" in text:
+    text = error_text(exc)
+    if "closed mid-body" in text or "payload is not completed" in text:
         return f"the connection closed mid-reply {got}; the answer is incomplete"
     return f"the stream ended early {got}: {text}"
