@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from modal_llm import (
+    USE_CLIENT_DEFAULT,
     AdaptiveConcurrency,
     AsyncClient,
     AuthenticationError,
@@ -39,6 +40,8 @@ from modal_llm import (
     RetryPolicy,
     ServerError,
     StreamError,
+    Timeout,
+    UseClientDefault,
 )
 from modal_llm._otel import Instrumentation
 from modal_llm._telemetry import instrumentation_for
@@ -350,11 +353,15 @@ def aiohttp_instrumented(otel: Otel) -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("aiohttp_instrumented")
-async def test_aiohttp_attempt_spans_nest_under_the_call_span(otel: Otel) -> None:
+@pytest.mark.parametrize("timeout", [USE_CLIENT_DEFAULT, Timeout(deadline=60)])
+async def test_aiohttp_attempt_spans_nest_under_the_call_span(
+    otel: Otel, timeout: Timeout | UseClientDefault
+) -> None:
+    # With a deadline the call runs under asyncio.wait_for: another task, the same parent.
     config = ServerConfig(pieces=3, error_burst=1, error_status=429, retry_after="0")
     async with serve(config) as url, AsyncClient(url, retry=NO_WAIT, **otel.providers) as client:
-        await client.generate("hi")
-        async for _ in client.stream("hello there"):
+        await client.generate("hi", timeout=timeout)
+        async for _ in client.stream("hello there", timeout=timeout):
             pass
     finished = otel.exporter.get_finished_spans()
     unary, stream = otel.spans()
