@@ -521,6 +521,8 @@ class AsyncClient:
             return None
         clock = asyncio.get_running_loop().time
         scope = telemetry.start(call, prompt, extra, stop=stop, clock=clock)
+        if scope is None:
+            return None
         hooks = call.hooks
         stream = call.kind == "stream"
         if hooks is None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 import threading
 import time
@@ -43,6 +44,8 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, Trac
 from ._exceptions import ModalLLMError
 
 __all__ = ["CallScope", "Instrumentation"]
+
+log = logging.getLogger("modal_llm")
 
 SCOPE_NAME: Final = "modal_llm"
 OPERATION: Final = "text_completion"
@@ -346,13 +349,28 @@ class Instrumentation:
         *,
         stop: object = None,
         clock: Callable[[], float] = time.monotonic,
-    ) -> CallScope:
+    ) -> CallScope | None:
         """Start one logical call: its span (not yet current) and its in-flight count.
 
         ``extra`` are the model arguments sent; ``stop`` the client-side stop sequences,
         recorded when the extras carry none; ``prompt`` is None for ``resume``.
-        ``clock`` is the clock of ``call.first_piece_at`` (the loop's ``time``).
+        ``clock`` is the clock of ``call.first_piece_at`` (the loop's ``time``). ``None``
+        (and a logged error) if the SDK fails: telemetry never breaks a call.
         """
+        try:
+            return self._start(call, prompt, extra, stop, clock)
+        except Exception:
+            log.exception("OpenTelemetry failed to start a call's span; not recorded")
+            return None
+
+    def _start(
+        self,
+        call: CallLike,
+        prompt: str | None,
+        extra: Mapping[str, Any],
+        stop: object,
+        clock: Callable[[], float],
+    ) -> CallScope:
         stream = call.kind == "stream"
         model = extra.get("model") if extra else None
         if not isinstance(model, str) or not model:
@@ -452,9 +470,12 @@ class CallScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.detach()
-        # A stream the caller left early (break, aclose) is closed with GeneratorExit.
-        self.end(None if isinstance(exc, GeneratorExit) else exc)
+        try:
+            self.detach()
+            # A stream the caller left early (break, aclose) is closed with GeneratorExit.
+            self.end(None if isinstance(exc, GeneratorExit) else exc)
+        except Exception:  # telemetry never replaces a call's outcome
+            log.exception("OpenTelemetry failed to end a call's span")
 
     def attach(self) -> None:
         """Make the span current in this context (so per-attempt HTTP spans nest)."""

@@ -10,6 +10,7 @@ call pays one attribute check.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -43,9 +44,13 @@ def instrumentation_for(
         from ._otel import Instrumentation
     except ImportError:  # the otel extra is not installed
         return None
-    return Instrumentation.build(
-        endpoint_url,
-        tracer_provider=tracer_provider,
-        meter_provider=meter_provider,
-        capture_content=capture_content,
-    )
+    try:
+        return Instrumentation.build(
+            endpoint_url,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            capture_content=capture_content,
+        )
+    except Exception:  # an SDK too old or broken: the client works, unobserved
+        logging.getLogger("modal_llm").exception("OpenTelemetry instrumentation disabled")
+        return None

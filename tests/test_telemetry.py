@@ -641,3 +641,24 @@ async def test_langchain_classes_take_the_providers(otel: Otel, endpoint: str) -
     assert len(otel.spans()) == 2
     assert any("gen_ai.input.messages" in attrs(s) for s in otel.spans())
     assert "tracer_provider" not in json.dumps(dumpd(llm), default=str)
+
+
+# -- telemetry never breaks a call ----------------------------------------------------------------
+
+
+async def test_a_failing_span_processor_does_not_fail_the_call(
+    endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class Broken(SpanProcessor):
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            raise RuntimeError("processor bug")
+
+    provider = TracerProvider()
+    provider.add_span_processor(Broken())
+    async with AsyncClient(endpoint, tracer_provider=provider) as client:
+        assert await client.generate("hi")
+        assert [p async for p in client.stream("hello there")]
+    assert "failed to start a call's span" in caplog.text
+    provider.shutdown()
