@@ -210,6 +210,34 @@ async def test_ainvoke_inside_a_parent_run_uses_its_max_concurrency(
     assert endpoint.max_in_flight == ABOVE_FIELD
 
 
+async def test_concurrent_astreams_under_a_config_above_the_field(
+    llm: Modal, endpoint: ThreadedEndpoint
+) -> None:
+    endpoint.gate_at = ABOVE_FIELD
+    config: Any = {"max_concurrency": ABOVE_FIELD}
+
+    async def one(i: int) -> str:
+        return "".join([piece async for piece in llm.astream(f"gate: {i}", config=config)])
+
+    results = await asyncio.gather(*(one(i) for i in range(ABOVE_FIELD)))
+    assert results == ["".join(STREAM_PIECES)] * ABOVE_FIELD
+    assert endpoint.max_in_flight == ABOVE_FIELD
+
+
+def test_concurrent_streams_under_a_config_above_the_field(
+    llm: Modal, endpoint: ThreadedEndpoint
+) -> None:
+    endpoint.gate_at = ABOVE_FIELD
+    config: Any = {"max_concurrency": ABOVE_FIELD}
+    with concurrent.futures.ThreadPoolExecutor(ABOVE_FIELD) as pool:
+        results = list(
+            pool.map(lambda i: "".join(llm.stream(f"gate: {i}", config)), range(ABOVE_FIELD))
+        )
+    assert results == ["".join(STREAM_PIECES)] * ABOVE_FIELD
+    assert endpoint.max_in_flight == ABOVE_FIELD
+    assert sorted(llm._sync_clients) == [64]
+
+
 def test_batch_config_above_the_field_is_honoured(llm: Modal, endpoint: ThreadedEndpoint) -> None:
     endpoint.gate_at = ABOVE_FIELD
     prompts: list[Any] = [f"gate: {i}" for i in range(ABOVE_FIELD)]

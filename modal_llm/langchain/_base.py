@@ -13,7 +13,14 @@ import copy
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Sequence,
+)
 from contextlib import contextmanager
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
@@ -382,6 +389,30 @@ class ModalBase(BaseModel):
         with _requested_limit(config):
             return await cast(Any, super()).ainvoke(input, config, stop=stop, **kwargs)
 
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        requested = ensure_config(config).get("max_concurrency")
+        pieces = cast(Any, super()).stream(input, config, stop=stop, **kwargs)
+        return _limited(pieces, requested)
+
+    def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        requested = ensure_config(config).get("max_concurrency")
+        pieces = cast(Any, super()).astream(input, config, stop=stop, **kwargs)
+        return _alimited(pieces, requested)
+
     def batch(
         self,
         inputs: list[LanguageModelInput],
@@ -514,6 +545,42 @@ class ModalBase(BaseModel):
     ) -> Callable[[LanguageModelInput], Awaitable[Any]] | None:
         """One input's call, as ``ainvoke`` would return it (hook; both classes define it)."""
         return None
+
+
+def _limited(pieces: Iterator[Any], requested: int | None) -> Iterator[Any]:
+    """``pieces`` with ``requested`` picking the client whenever the stream runs."""
+    try:
+        while True:
+            token = _REQUESTED.set(requested)
+            try:
+                piece = next(pieces)
+            except StopIteration:
+                return
+            finally:
+                _REQUESTED.reset(token)
+            yield piece
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+
+
+async def _alimited(pieces: AsyncIterator[Any], requested: int | None) -> AsyncIterator[Any]:
+    """``pieces`` with ``requested`` picking the client whenever the stream runs."""
+    try:
+        while True:
+            token = _REQUESTED.set(requested)
+            try:
+                piece = await anext(pieces)
+            except StopAsyncIteration:
+                return
+            finally:
+                _REQUESTED.reset(token)
+            yield piece
+    finally:
+        aclose = getattr(pieces, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _has_handlers(callbacks: Callbacks) -> bool:
