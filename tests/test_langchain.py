@@ -29,7 +29,7 @@ from pydantic import SecretStr, ValidationError
 
 from modal_llm import StatusError
 from modal_llm.langchain import Modal
-from modal_llm.langchain._base import client_cap
+from modal_llm.langchain._clients import client_cap
 
 from .endpoints import STREAM_PIECES, WAIT, ThreadedEndpoint
 

@@ -7,21 +7,16 @@ Neither class has HTTP, retry or parsing logic of its own: every call goes throu
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import copy
 import threading
 import warnings
-import weakref
 from collections.abc import (
-    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
     Iterator,
     Sequence,
 )
-from contextlib import contextmanager
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
@@ -54,16 +49,12 @@ from .._config import (
 from .._exceptions import ConfigError, ModalLLMError
 from .._stop import normalize_stop
 from .._sync import Client
+from ._clients import REQUESTED, LoopClients, alimited, client_cap, limited, requested_limit
 
-__all__ = ["ModalBase", "UnsupportedFeatureError", "client_cap"]
+__all__ = ["ModalBase", "UnsupportedFeatureError"]
 
 _RESERVED_KWARGS: Final = frozenset({"prompt", "headers", "timeout"})
 """Keys ``model_kwargs`` cannot hold: the client takes them as its own arguments."""
-
-_REQUESTED: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "modal_llm_langchain_max_concurrency", default=None
-)
-"""The ``max_concurrency`` of the RunnableConfig being run, if any (picks the client's cap)."""
 
 
 class UnsupportedFeatureError(ModalLLMError, NotImplementedError):
@@ -75,99 +66,8 @@ class UnsupportedFeatureError(ModalLLMError, NotImplementedError):
     """
 
 
-def client_cap(field: int, requested: int | None) -> int:
-    """The ``max_concurrency`` of the client that serves a run.
-
-    ``field`` (the model's ``max_concurrency``) unless the RunnableConfig asks for more;
-    then ``requested`` rounded up to a power of two, so a few distinct caps share a client
-    each (a batch itself never runs more than ``requested`` at once).
-    """
-    if requested is None or requested <= field:
-        return field
-    return 1 << (requested - 1).bit_length()
-
-
 def _reveal(secret: SecretStr | None) -> str | None:
     return None if secret is None else secret.get_secret_value()
-
-
-@contextmanager
-def _requested_limit(config: RunnableConfig | None) -> Iterator[None]:
-    """Make ``config``'s ``max_concurrency`` (or its parent run's) pick the client."""
-    token = _REQUESTED.set(ensure_config(config).get("max_concurrency"))
-    try:
-        yield
-    finally:
-        _REQUESTED.reset(token)
-
-
-class _LoopClients:
-    """``AsyncClient``s per event loop and cap, each closed inside its loop as it shuts down.
-
-    ``asyncio.run``, ``asyncio.Runner`` and pytest-asyncio call ``loop.shutdown_asyncgens()``
-    before closing their loop. A small async generator parked in the loop per client
-    (``_closer``) is closed then, and it closes that client while the loop can still run it.
-    """
-
-    __slots__ = ("__weakref__", "_by_loop", "_lock")
-
-    def __init__(self) -> None:
-        self._by_loop: dict[
-            asyncio.AbstractEventLoop,
-            dict[int, tuple[AsyncClient, AsyncGenerator[None, None]]],
-        ] = {}
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return sum(len(by_cap) for by_cap in self._by_loop.values())
-
-    def caps(self, loop: asyncio.AbstractEventLoop) -> list[int]:
-        """The caps of the clients ``loop`` has (for tests and debugging)."""
-        return sorted(self._by_loop.get(loop, {}))
-
-    async def get(self, cap: int, options: Callable[[int], ClientOptions]) -> AsyncClient:
-        """The running loop's client for ``cap``, created from ``options(cap)`` on first use."""
-        loop = asyncio.get_running_loop()
-        entry = self._by_loop.get(loop)
-        found = None if entry is None else entry.get(cap)
-        if found is not None:
-            return found[0]
-        with self._lock:
-            for stale in [other for other in self._by_loop if other.is_closed()]:
-                del self._by_loop[stale]  # closed without shutdown_asyncgens(): too late
-            client = AsyncClient.from_options(options(cap))
-            closer = _closer(client, cap, weakref.ref(self))
-            self._by_loop.setdefault(loop, {})[cap] = (client, closer)
-        await closer.asend(None)  # first iteration: registers it with this loop
-        return client
-
-    def forget(self, loop: asyncio.AbstractEventLoop, cap: int, client: AsyncClient) -> None:
-        with self._lock:
-            by_cap = self._by_loop.get(loop)
-            if by_cap is None:
-                return
-            entry = by_cap.get(cap)
-            if entry is not None and entry[0] is client:
-                del by_cap[cap]
-            if not by_cap:
-                del self._by_loop[loop]
-
-
-async def _closer(
-    client: AsyncClient, cap: int, owner: weakref.ref[_LoopClients]
-) -> AsyncGenerator[None, None]:
-    # Holds its owner weakly: a strong reference would make a cycle, and a cycle is
-    # collected with every finalizer run at once, so the client would warn before the
-    # loop got the chance to close it. Dropped by reference count, this generator goes
-    # to the loop's finalizer hook, which schedules aclose() in its loop.
-    loop = asyncio.get_running_loop()
-    try:
-        yield
-    finally:
-        registry = owner()
-        if registry is not None:
-            registry.forget(loop, cap, client)
-        await client.aclose()
 
 
 class ModalBase(BaseModel):
@@ -213,7 +113,7 @@ class ModalBase(BaseModel):
 
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _sync_clients: dict[int, Client] = PrivateAttr(default_factory=dict)
-    _async_clients: _LoopClients = PrivateAttr(default_factory=_LoopClients)
+    _async_clients: LoopClients = PrivateAttr(default_factory=LoopClients)
 
     @model_validator(mode="before")
     @classmethod
@@ -285,7 +185,7 @@ class ModalBase(BaseModel):
     # -- clients ---------------------------------------------------------------------------
 
     def _fresh_private(self) -> dict[str, Any]:
-        return {"_lock": threading.Lock(), "_sync_clients": {}, "_async_clients": _LoopClients()}
+        return {"_lock": threading.Lock(), "_sync_clients": {}, "_async_clients": LoopClients()}
 
     def __copy__(self) -> Any:
         # A copy (also model_copy(update=...)) may change the settings: it gets its own
@@ -300,7 +200,7 @@ class ModalBase(BaseModel):
         return clone
 
     def _cap(self) -> int:
-        return client_cap(self.max_concurrency, _REQUESTED.get())
+        return client_cap(self.max_concurrency, REQUESTED.get())
 
     def _blocking_client(self) -> Client:
         """The blocking client for the sync methods (one per cap, shared by every thread)."""
@@ -375,7 +275,7 @@ class ModalBase(BaseModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        with _requested_limit(config):
+        with requested_limit(config):
             return cast(Any, super()).invoke(input, config, stop=stop, **kwargs)
 
     async def ainvoke(
@@ -386,7 +286,7 @@ class ModalBase(BaseModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        with _requested_limit(config):
+        with requested_limit(config):
             return await cast(Any, super()).ainvoke(input, config, stop=stop, **kwargs)
 
     def stream(
@@ -399,7 +299,7 @@ class ModalBase(BaseModel):
     ) -> Iterator[Any]:
         requested = ensure_config(config).get("max_concurrency")
         pieces = cast(Any, super()).stream(input, config, stop=stop, **kwargs)
-        return _limited(pieces, requested)
+        return limited(pieces, requested)
 
     def astream(
         self,
@@ -411,7 +311,7 @@ class ModalBase(BaseModel):
     ) -> AsyncIterator[Any]:
         requested = ensure_config(config).get("max_concurrency")
         pieces = cast(Any, super()).astream(input, config, stop=stop, **kwargs)
-        return _alimited(pieces, requested)
+        return alimited(pieces, requested)
 
     def batch(
         self,
@@ -434,7 +334,7 @@ class ModalBase(BaseModel):
         pool_config: RunnableConfig = {**configs[0], "max_concurrency": min(limit, len(inputs))}
         invoke = cast(Any, self).invoke
         results: list[Any] = []
-        token = _REQUESTED.set(requested)
+        token = REQUESTED.set(requested)
         try:
             # LangChain's executor copies this context into each thread: same client cap.
             with get_executor_for_config(pool_config) as executor:
@@ -455,7 +355,7 @@ class ModalBase(BaseModel):
                         future.cancel()
                     raise
         finally:
-            _REQUESTED.reset(token)
+            REQUESTED.reset(token)
         return results
 
     async def abatch(
@@ -481,7 +381,7 @@ class ModalBase(BaseModel):
         first = config[0] if isinstance(config, Sequence) else config
         requested = (first or {}).get("max_concurrency")
         limit = min(requested or self.max_concurrency, len(inputs))
-        token = _REQUESTED.set(requested)
+        token = REQUESTED.set(requested)
         try:
             call = await self._quiet_call(config, kwargs)
             if call is not None:
@@ -501,7 +401,7 @@ class ModalBase(BaseModel):
                 return_exceptions=return_exceptions,
             )
         finally:
-            _REQUESTED.reset(token)
+            REQUESTED.reset(token)
 
     # -- batches nobody observes -----------------------------------------------------------
 
@@ -545,42 +445,6 @@ class ModalBase(BaseModel):
     ) -> Callable[[LanguageModelInput], Awaitable[Any]] | None:
         """One input's call, as ``ainvoke`` would return it (hook; both classes define it)."""
         return None
-
-
-def _limited(pieces: Iterator[Any], requested: int | None) -> Iterator[Any]:
-    """``pieces`` with ``requested`` picking the client whenever the stream runs."""
-    try:
-        while True:
-            token = _REQUESTED.set(requested)
-            try:
-                piece = next(pieces)
-            except StopIteration:
-                return
-            finally:
-                _REQUESTED.reset(token)
-            yield piece
-    finally:
-        close = getattr(pieces, "close", None)
-        if close is not None:
-            close()
-
-
-async def _alimited(pieces: AsyncIterator[Any], requested: int | None) -> AsyncIterator[Any]:
-    """``pieces`` with ``requested`` picking the client whenever the stream runs."""
-    try:
-        while True:
-            token = _REQUESTED.set(requested)
-            try:
-                piece = await anext(pieces)
-            except StopAsyncIteration:
-                return
-            finally:
-                _REQUESTED.reset(token)
-            yield piece
-    finally:
-        aclose = getattr(pieces, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 def _has_handlers(callbacks: Callbacks) -> bool:
