@@ -406,6 +406,13 @@ async def test_generate_dash_reads_stdin() -> None:
     assert ran.out == toy_generate("a prompt\nof two lines") + "\n"
 
 
+async def test_the_reference_endpoint_refuses_a_body_over_1_mib() -> None:
+    async with serve(ServerConfig()) as url:
+        ran = await modal_llm("generate", "--endpoint", url, "-", stdin=b"x" * (1024 * 1024))
+    assert ran.code == EXIT_FAILED  # docs/server.md: 413, not retried
+    ran.one_line_error("413 Request Entity Too Large", "1048576")
+
+
 async def test_help_shows_the_retry_default() -> None:
     ran = await modal_llm("generate", "--help")
     assert ran.code == EXIT_OK

@@ -1,6 +1,6 @@
 """Print the trace and metrics of one call that hits a 429, a cold start and a 303 hop.
 
-``python docs/examples/otel_trace.py`` (needs ``pip install 'modal-llm[dev]'``): the
+``python docs/examples/otel_trace.py`` (needs ``pip install -e '.[dev]'`` in a checkout): the
 reference endpoint answers the first POST 429 with ``Retry-After: 1``, then cold-starts
 for 2 s and, the work taking longer than its 0.3 s hop time, redirects to its result URL.
 The spans go to an in-memory exporter and are printed as an indented tree; the output is
