@@ -1,0 +1,555 @@
+"""Fan a batch out past one machine on Ray Data (install with ``pip install 'modal-llm[ray]'``).
+
+Usage::
+
+    import ray
+    import modal_llm.ray
+
+    ds = ray.data.read_parquet("/shared/prompts/")          # a "prompt" column, any others
+    out = modal_llm.ray.generate(ds, "https://me--llm-web.modal.run", actors=4)
+    out.write_parquet("/shared/results/")                    # input columns + result columns
+
+Every row gets the result columns of :data:`RESULT_SCHEMA`: ``text`` (null on failure),
+``error``, ``error_type`` (the ``ModalLLMError`` class name), ``status``, ``attempts`` and
+``latency_s``. Each Ray actor holds one pooled ``AsyncClient``, opened on the actor's event
+loop and closed when the actor shuts down; retries, ``Retry-After``, pacing and parsing are
+the client's (``AsyncClient.map``), never Ray's task retries. Credentials come only from the
+actors' environment (``MODAL_LLM_KEY``/``MODAL_LLM_SECRET``, through ``runtime_env``).
+See docs/ray.md.
+
+``import modal_llm`` never loads this module (nor Ray, nor pyarrow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+import pyarrow as pa
+
+from . import (
+    AsyncClient,
+    BatchItem,
+    BatchResult,
+    ConfigError,
+    ContractError,
+    ModalLLMError,
+    StatusError,
+)
+from ._auth import CREDENTIAL_HEADERS
+from ._config import ENV_ENDPOINT_URL
+from ._exceptions import redact_url
+from ._types import StopTypes
+
+if TYPE_CHECKING:
+    import ray.data
+
+__all__ = [
+    "DEFAULT_ACTORS",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CALLS_PER_ACTOR",
+    "DEFAULT_NUM_CPUS",
+    "RESULT_COLUMNS",
+    "RESULT_SCHEMA",
+    "Generator",
+    "generate",
+]
+
+log = logging.getLogger("modal_llm.ray")
+
+RESULT_SCHEMA: Final = pa.schema(
+    [
+        pa.field("text", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("error_type", pa.string()),
+        pa.field("status", pa.int32()),
+        pa.field("attempts", pa.int32()),
+        pa.field("latency_s", pa.float64()),
+    ]
+)
+"""The columns every output block gets, after the input's, with exactly these Arrow types.
+
+``text``: the generated text, null on failure. ``error``: the error's one-line message,
+null on success. ``error_type``: the ``ModalLLMError`` subclass name, null on success.
+``status``: the HTTP status of the reply that decided the row (200 on success, the
+error's status for a ``StatusError`` or ``ContractError``), null when no reply arrived.
+``attempts``: HTTP attempts of the row's POST, retries included (0 when nothing was sent).
+``latency_s``: seconds from the first attempt to the outcome, backoff included.
+"""
+RESULT_COLUMNS: Final = tuple(RESULT_SCHEMA.names)
+
+DEFAULT_ACTORS: Final = 2
+"""Actors (each one process with one pooled client) when ``actors`` is not given."""
+DEFAULT_CALLS_PER_ACTOR: Final = 16
+"""Blocks an actor works on at once. Ray's default is one, and a block then waits for its
+slowest row (a retry after a 429 or a 5xx) while the actor's other connections sit idle."""
+DEFAULT_BATCH_SIZE: Final = 64
+"""Rows per batch handed to an actor; also the block size an input is spread into."""
+DEFAULT_NUM_CPUS: Final = 0.5
+"""CPUs Ray reserves per actor. The work is waiting on HTTP, so less than a core each;
+a whole core per actor would starve Ray's own read and write tasks on a small machine."""
+SUCCESS_STATUS: Final = 200
+"""The status the contract's success reply carries (``status`` of a successful row)."""
+CLOSE_TIMEOUT: Final = 10.0
+"""Seconds an actor waits for its client to close at shutdown."""
+
+_CREDENTIAL_OPTIONS: Final = frozenset({"modal_key", "modal_secret"})
+_CREDENTIALS_HINT: Final = (
+    "credentials are read from the actors' environment (MODAL_LLM_KEY and MODAL_LLM_SECRET, "
+    "e.g. runtime_env={'env_vars': {...}}), never passed as arguments, which Ray pickles"
+)
+
+
+def _check_client_options(options: Mapping[str, Any]) -> None:
+    """Refuse credentials in arguments that Ray would pickle and ship to every actor."""
+    given = sorted(_CREDENTIAL_OPTIONS & set(options))
+    if given:
+        raise ConfigError(f"{', '.join(given)} cannot be passed here: {_CREDENTIALS_HINT}")
+    headers = options.get("headers") or {}
+    if not isinstance(headers, Mapping):
+        raise ConfigError(f"headers must be a mapping, not {type(headers).__name__}")
+    named = sorted(name for name in headers if str(name).lower() in CREDENTIAL_HEADERS)
+    if named:
+        raise ConfigError(f"header(s) {', '.join(named)} cannot be passed here: {_CREDENTIALS_HINT}")
+
+
+def _check_model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, Mapping):
+        raise ConfigError(f"model_kwargs must be a mapping, not {type(model_kwargs).__name__}")
+    if "prompt" in model_kwargs:
+        raise ConfigError("model_kwargs must not contain 'prompt'; use prompt_column")
+    return dict(model_kwargs)
+
+
+def _as_table(batch: object) -> pa.Table:
+    """A Ray batch (pyarrow, pandas or a dict of numpy arrays) as a ``pyarrow.Table``."""
+    if isinstance(batch, pa.Table):
+        return batch
+    if isinstance(batch, Mapping):
+        return pa.table(dict(batch))
+    if type(batch).__name__ == "DataFrame":  # pandas, without importing it here
+        return pa.Table.from_pandas(batch, preserve_index=False)
+    raise ConfigError(
+        f"a batch must be a pyarrow Table, a pandas DataFrame or a dict of arrays, not "
+        f"{type(batch).__name__} (pass batch_format='pyarrow' to map_batches)"
+    )
+
+
+def _row_extra(value: object, column: str) -> dict[str, Any]:
+    """One row's model arguments from ``extra_column``: a struct, a map or a JSON object.
+
+    Struct fields that are null are left out (a struct cannot say "absent"). Raises
+    ``ConfigError`` for a value that is not an object or carries ``"prompt"``.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ConfigError(f"{column!r} is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{column!r} must hold a JSON object of model arguments, not "
+                f"{type(value).__name__}"
+            )
+        extra = value
+    elif isinstance(value, Mapping):
+        extra = {k: v for k, v in value.items() if v is not None}
+    elif isinstance(value, list) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+        extra = dict(value)  # an Arrow map column reads back as (key, value) pairs
+    else:
+        raise ConfigError(
+            f"{column!r} must be a struct, a map or a JSON object string, not "
+            f"{type(value).__name__}"
+        )
+    if "prompt" in extra:
+        raise ConfigError(f"{column!r} must not contain 'prompt'")
+    return extra
+
+
+def _status_of(error: ModalLLMError) -> int | None:
+    if isinstance(error, (StatusError, ContractError)):
+        return error.status_code
+    return None
+
+
+class _Columns:
+    """The result columns of one batch, filled row by row."""
+
+    __slots__ = ("attempts", "error", "error_type", "latency_s", "status", "text")
+
+    def __init__(self, size: int) -> None:
+        self.text: list[str | None] = [None] * size
+        self.error: list[str | None] = [None] * size
+        self.error_type: list[str | None] = [None] * size
+        self.status: list[int | None] = [None] * size
+        self.attempts: list[int] = [0] * size
+        self.latency_s: list[float] = [0.0] * size
+
+    def fail(self, row: int, error: ModalLLMError, attempts: int, latency: float) -> None:
+        self.error[row] = str(error)
+        self.error_type[row] = type(error).__name__
+        self.status[row] = _status_of(error)
+        self.attempts[row] = attempts
+        self.latency_s[row] = latency
+
+    def put(self, row: int, result: BatchResult) -> None:
+        if result.error is not None:
+            self.fail(row, result.error, result.attempts, result.latency)
+            return
+        self.text[row] = result.text
+        self.status[row] = SUCCESS_STATUS
+        self.attempts[row] = result.attempts
+        self.latency_s[row] = result.latency
+
+    def append_to(self, table: pa.Table) -> pa.Table:
+        """``table`` without any columns named like ours, then ours, typed as the schema."""
+        stale = [name for name in RESULT_COLUMNS if name in table.column_names]
+        if stale:
+            table = table.drop_columns(stale)
+        for field in RESULT_SCHEMA:
+            table = table.append_column(field, pa.array(getattr(self, field.name), field.type))
+        return table
+
+
+class Generator:
+    """A callable class for ``Dataset.map_batches``: one pooled client per Ray actor.
+
+    ``generate`` is built on it; use it directly to compose your own pipeline::
+
+        from ray.data import ActorPoolStrategy
+        from modal_llm.ray import Generator
+
+        out = ds.map_batches(
+            Generator,
+            fn_constructor_kwargs={"endpoint_url": url, "model_kwargs": {"max_tokens": 64}},
+            batch_size=64,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=4, max_concurrent_calls_per_actor=16),
+            num_cpus=0.5,
+        )
+
+    A batch (pyarrow, pandas or a dict of arrays) comes back as a ``pyarrow.Table``: its
+    columns (minus any named like a result column, which are replaced) then
+    :data:`RESULT_SCHEMA`'s. Each row's prompt is ``prompt_column``; its model arguments
+    are ``model_kwargs`` overridden by ``extra_column`` (a struct, map or JSON-object
+    column; null fields of a struct are left out). ``stop``, ``rate_limit`` (requests per
+    second, per actor) and ``adaptive`` (AIMD back-off on 429/503, per actor) are those of
+    ``AsyncClient.map``. ``client_options`` are ``AsyncClient`` options, applied per actor
+    (``max_concurrency`` is requests in flight per actor, shared by all its blocks).
+    ``make_client_options`` is a picklable zero-argument callable run once in each actor
+    that returns more client options: for objects that must be built where they are used
+    (tracer or meter providers, hooks) rather than pickled.
+
+    Errors: a row whose request fails with a ``ModalLLMError`` (or whose prompt is null
+    or whose extra arguments are malformed: ``ConfigError``) gets the error columns and
+    the batch goes on; with ``raise_on_error=True`` the first such row's error is raised
+    and fails the job. A missing or non-string prompt column raises ``ConfigError``; any
+    other exception (a bug) propagates. ``modal_key``/``modal_secret`` or credential
+    headers raise ``ConfigError``: credentials come from the actor's environment
+    (``MODAL_LLM_KEY``/``MODAL_LLM_SECRET``), as does the URL when ``endpoint_url`` is None.
+
+    The client opens on the first batch, on the event loop Ray runs async callables on,
+    and closes when Ray shuts the actor down (``__del__``) or on ``close()``.
+    """
+
+    def __init__(
+        self,
+        endpoint_url: str | None = None,
+        *,
+        prompt_column: str = "prompt",
+        extra_column: str | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        stop: StopTypes = None,
+        rate_limit: float | None = None,
+        adaptive: bool = False,
+        raise_on_error: bool = False,
+        client_options: Mapping[str, Any] | None = None,
+        make_client_options: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        options = dict(client_options or {})
+        _check_client_options(options)
+        if make_client_options is not None:
+            built = dict(make_client_options())
+            _check_client_options(built)
+            options.update(built)
+        if not isinstance(prompt_column, str) or not prompt_column:
+            raise ConfigError(f"prompt_column must be a column name, not {prompt_column!r}")
+        if extra_column is not None and (not isinstance(extra_column, str) or not extra_column):
+            raise ConfigError(f"extra_column must be a column name or None, not {extra_column!r}")
+        self.prompt_column = prompt_column
+        self.extra_column = extra_column
+        self.model_kwargs = _check_model_kwargs(model_kwargs)
+        self.stop = stop
+        self.rate_limit = rate_limit
+        self.adaptive = adaptive
+        self.raise_on_error = raise_on_error
+        # Credentials and (when endpoint_url is None) the URL come from this process's
+        # environment here, in the actor: nothing secret was pickled to get us here.
+        self._client = AsyncClient(endpoint_url, **options)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.rows = 0
+        """Rows this instance has answered (successes and failures)."""
+        self.failed = 0
+        """Rows that got an error."""
+
+    def __repr__(self) -> str:
+        return (
+            f"Generator({redact_url(self._client.endpoint_url)!r}, "
+            f"prompt_column={self.prompt_column!r}, "
+            f"max_concurrency={self._client.options.max_concurrency})"
+        )
+
+    @property
+    def client(self) -> AsyncClient:
+        """This actor's client (open once a batch has run on its event loop)."""
+        return self._client
+
+    async def __call__(self, batch: object) -> pa.Table:
+        """Generate for every row of ``batch``; return it with the result columns."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError(
+                "a Generator serves one event loop; Ray runs async callables on one loop "
+                "per actor, so this is a second loop in the same process"
+            )
+        table = _as_table(batch)
+        prompts = self._prompts(table)
+        columns = _Columns(table.num_rows)
+        items: list[BatchItem] = []
+        extras = self._extras(table)
+        for row, prompt in enumerate(prompts):
+            try:
+                if prompt is None:
+                    raise ConfigError(f"{self.prompt_column!r} is null")
+                extra = self.model_kwargs
+                if extras is not None and extras[row] is not None:
+                    extra = {**extra, **_row_extra(extras[row], self.extra_column or "")}
+            except ConfigError as exc:
+                self._failed_row(columns, row, exc)
+                continue
+            items.append(BatchItem(prompt, id=row, extra=extra))
+        if items:
+            await self._send(items, columns)
+        self.rows += table.num_rows
+        return columns.append_to(table)
+
+    def _prompts(self, table: pa.Table) -> list[str | None]:
+        name = self.prompt_column
+        if name not in table.column_names:
+            raise ConfigError(
+                f"no prompt column {name!r} in the batch (columns: "
+                f"{', '.join(table.column_names) or 'none'}); pass prompt_column"
+            )
+        column = table.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise ConfigError(f"prompt column {name!r} must hold strings, not {column.type}")
+        prompts: list[str | None] = column.to_pylist()
+        return prompts
+
+    def _extras(self, table: pa.Table) -> list[object] | None:
+        name = self.extra_column
+        if name is None:
+            return None
+        if name not in table.column_names:
+            raise ConfigError(f"no extra column {name!r} in the batch; pass extra_column")
+        values: list[object] = table.column(name).to_pylist()
+        return values
+
+    def _failed_row(self, columns: _Columns, row: int, error: ModalLLMError) -> None:
+        if self.raise_on_error:
+            raise error
+        self.failed += 1
+        columns.fail(row, error, 0, 0.0)
+
+    async def _send(self, items: list[BatchItem], columns: _Columns) -> None:
+        # An item's id is its row in the batch (its index is its place in ``items``).
+        results = self._client.map(
+            items,
+            stop=self.stop,
+            rate_limit=self.rate_limit,
+            adaptive=self.adaptive,
+        )
+        async with contextlib.aclosing(results):
+            async for result in results:
+                row = result.id
+                assert isinstance(row, int)
+                if result.error is not None:
+                    if self.raise_on_error:
+                        raise result.error
+                    self.failed += 1
+                columns.put(row, result)
+
+    async def aclose(self) -> None:
+        """Close the client (on the loop it was opened on). Idempotent."""
+        await self._client.aclose()
+
+    def close(self) -> None:
+        """Close the client from any thread; never raises. ``__del__`` calls it."""
+        client = getattr(self, "_client", None)
+        loop = getattr(self, "_loop", None)
+        if client is None or loop is None or loop.is_closed():
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        try:
+            if running is loop:  # on the client's own loop: we cannot block on it
+                task = loop.create_task(client.aclose())
+                _CLOSING.add(task)
+                task.add_done_callback(_CLOSING.discard)
+            elif loop.is_running():
+                future = asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+                try:
+                    future.result(CLOSE_TIMEOUT)
+                except BaseException:
+                    future.cancel()
+                    raise
+            else:
+                loop.run_until_complete(client.aclose())
+        except Exception as exc:  # shutdown must go on; say why the pool may leak
+            log.warning("could not close the client: %s", type(exc).__name__)
+            return
+        log.debug(
+            "closed the client for %s after %d rows (%d failed)",
+            redact_url(client.endpoint_url),
+            self.rows,
+            self.failed,
+        )
+
+    def __del__(self) -> None:
+        # Ray Data drops the actor's callable when the actor shuts down gracefully; this is
+        # where the pooled connections get closed, on the loop that opened them.
+        self.close()
+
+
+_CLOSING: set[asyncio.Task[None]] = set()  # strong references to closes scheduled on a loop
+
+
+def _compute(actors: int | tuple[int, int], calls_per_actor: int) -> Any:
+    from ray.data import ActorPoolStrategy
+
+    def count(name: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an int >= 1, not {value!r}")
+        return value
+
+    calls = count("calls_per_actor", calls_per_actor)
+    if isinstance(actors, tuple):
+        if len(actors) != 2:
+            raise ConfigError(f"actors must be an int or a (min, max) pair, not {actors!r}")
+        low, high = count("actors minimum", actors[0]), count("actors maximum", actors[1])
+        if low > high:
+            raise ConfigError(f"actors minimum ({low}) must not exceed the maximum ({high})")
+        return ActorPoolStrategy(min_size=low, max_size=high, max_concurrent_calls_per_actor=calls)
+    return ActorPoolStrategy(size=count("actors", actors), max_concurrent_calls_per_actor=calls)
+
+
+def generate(
+    ds: ray.data.Dataset,
+    endpoint_url: str | None = None,
+    *,
+    prompt_column: str = "prompt",
+    extra_column: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    stop: StopTypes = None,
+    raise_on_error: bool = False,
+    rate_limit: float | None = None,
+    adaptive: bool = False,
+    actors: int | tuple[int, int] = DEFAULT_ACTORS,
+    calls_per_actor: int = DEFAULT_CALLS_PER_ACTOR,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_cpus: float = DEFAULT_NUM_CPUS,
+    spread: bool = True,
+    runtime_env: Mapping[str, Any] | None = None,
+    make_client_options: Callable[[], Mapping[str, Any]] | None = None,
+    ray_remote_args: Mapping[str, Any] | None = None,
+    **client_options: Any,
+) -> ray.data.Dataset:
+    """Generate for every row of ``ds``; return a lazy Dataset with the result columns.
+
+    The output has the input's columns (minus any named like a result column, which are
+    replaced) then :data:`RESULT_SCHEMA`'s, the same Arrow schema in every block, so it
+    writes and reads back as one Parquet dataset. Nothing runs until the output is
+    consumed (``write_parquet``, ``iter_batches``, ``materialize``...).
+
+    Request options: ``prompt_column`` (strings; a null prompt is a failed row),
+    ``extra_column`` (per-row model arguments: a struct, map or JSON-object column) over
+    ``model_kwargs`` (the same for every row), ``stop`` (cut on the client),
+    ``raise_on_error`` (the first failed row fails the job; otherwise failures are rows).
+    ``endpoint_url`` defaults to ``MODAL_LLM_ENDPOINT_URL`` of this process, else of the
+    actors. ``client_options`` (``max_concurrency``, ``max_retries``, ``retry``,
+    ``timeout``, ``headers``...) configure each actor's ``AsyncClient``; like
+    ``rate_limit`` (requests/s) and ``adaptive`` (AIMD on 429/503) they apply **per
+    actor**. They are pickled to the actors, so credentials are refused (``ConfigError``):
+    set ``MODAL_LLM_KEY``/``MODAL_LLM_SECRET`` in ``runtime_env={"env_vars": {...}}`` or on
+    the cluster. ``make_client_options`` builds unpicklable options in each actor.
+
+    Ray options: ``actors`` (a number, or a ``(min, max)`` autoscaling range), default
+    :data:`DEFAULT_ACTORS`; ``calls_per_actor``, blocks each actor works on at once
+    (default :data:`DEFAULT_CALLS_PER_ACTOR`; they share the actor's client and its
+    ``max_concurrency``); ``batch_size`` rows per call (default
+    :data:`DEFAULT_BATCH_SIZE`); ``num_cpus`` per actor (default :data:`DEFAULT_NUM_CPUS`);
+    ``spread``: cut blocks larger than ``batch_size`` (streaming, no shuffle) so that
+    even a one-block input keeps every actor busy; ``runtime_env`` and
+    ``ray_remote_args`` for the actors. Requests in flight at most: ``actors`` ×
+    ``max_concurrency`` (see docs/ray.md, "Sizing").
+
+    Raises ``ConfigError`` at once for bad options. A row error never fails the job
+    unless ``raise_on_error``; a failure that is not a ``ModalLLMError`` does. Rows are
+    never re-sent by Ray task retries for an HTTP failure: retries are the client's, per
+    row; Ray re-runs a block only if its actor process dies.
+    """
+    from ray.data import Dataset
+
+    if not isinstance(ds, Dataset):
+        raise ConfigError(f"ds must be a ray.data.Dataset, not {type(ds).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an int >= 1, not {batch_size!r}")
+    if isinstance(num_cpus, bool) or not isinstance(num_cpus, (int, float)) or num_cpus < 0:
+        raise ConfigError(f"num_cpus must be a number >= 0, not {num_cpus!r}")
+    compute = _compute(actors, calls_per_actor)
+    _check_client_options(client_options)
+    url = endpoint_url or os.environ.get(ENV_ENDPOINT_URL) or None
+    kwargs: dict[str, Any] = {
+        "endpoint_url": url,
+        "prompt_column": prompt_column,
+        "extra_column": extra_column,
+        "model_kwargs": _check_model_kwargs(model_kwargs),
+        "stop": stop,
+        "rate_limit": rate_limit,
+        "adaptive": adaptive,
+        "raise_on_error": raise_on_error,
+        "client_options": dict(client_options),
+        "make_client_options": make_client_options,
+    }
+    if url is not None:
+        # Validate here, in the driver, rather than in every actor on the cluster. The
+        # client is never opened, so it holds no connection to close.
+        Generator(**{**kwargs, "make_client_options": None})
+    remote_args = dict(ray_remote_args or {})
+    if runtime_env is not None:
+        remote_args["runtime_env"] = dict(runtime_env)
+    if spread:
+        ds = ds.repartition(target_num_rows_per_block=batch_size)
+    return ds.map_batches(
+        Generator,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=compute,
+        num_cpus=num_cpus,
+        udf_modifying_row_count=False,
+        **remote_args,
+    )
