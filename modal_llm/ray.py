@@ -115,7 +115,8 @@ def _check_client_options(options: Mapping[str, Any]) -> None:
         raise ConfigError(f"headers must be a mapping, not {type(headers).__name__}")
     named = sorted(name for name in headers if str(name).lower() in CREDENTIAL_HEADERS)
     if named:
-        raise ConfigError(f"header(s) {', '.join(named)} cannot be passed here: {_CREDENTIALS_HINT}")
+        names = ", ".join(named)
+        raise ConfigError(f"header(s) {names} cannot be passed here: {_CREDENTIALS_HINT}")
 
 
 def _check_model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -157,8 +158,7 @@ def _row_extra(value: object, column: str) -> dict[str, Any]:
             raise ConfigError(f"{column!r} is not valid JSON: {exc}") from None
         if not isinstance(value, dict):
             raise ConfigError(
-                f"{column!r} must hold a JSON object of model arguments, not "
-                f"{type(value).__name__}"
+                f"{column!r} must hold a JSON object of model arguments, not {type(value).__name__}"
             )
         extra = value
     elif isinstance(value, Mapping):
@@ -352,8 +352,10 @@ class Generator:
                 f"{', '.join(table.column_names) or 'none'}); pass prompt_column"
             )
         column = table.column(name)
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            raise ConfigError(f"prompt column {name!r} must hold strings, not {column.type}")
+        kind = column.type
+        types = pa.types
+        if not (types.is_string(kind) or types.is_large_string(kind) or types.is_null(kind)):
+            raise ConfigError(f"prompt column {name!r} must hold strings, not {kind}")
         prompts: list[str | None] = column.to_pylist()
         return prompts
 
@@ -405,7 +407,9 @@ class Generator:
         except RuntimeError:
             running = None
         try:
-            if running is loop:  # on the client's own loop: we cannot block on it
+            if (
+                running is not None and running is loop
+            ):  # on the client's own loop: we cannot block on it
                 task = loop.create_task(client.aclose())
                 _CLOSING.add(task)
                 task.add_done_callback(_CLOSING.discard)
