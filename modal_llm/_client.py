@@ -237,7 +237,7 @@ class AsyncClient:
         ``stop`` cuts the text at the first stop sequence, on the client. ``headers`` and
         ``timeout`` apply to this call only (for example ``Modal-Routing-Affinity-Key``).
         """
-        completion, _ = await self._complete(prompt, headers, timeout, extra)
+        completion, _ = await self._complete(prompt, headers, timeout, extra, stop=stop)
         if stop is None:
             return completion.prompt
         return StopMatcher(normalize_stop(stop)).apply(completion.prompt)
@@ -387,7 +387,7 @@ class AsyncClient:
         async def send(item: BatchItem, on_attempt: AttemptHook | None) -> tuple[str, int]:
             body = {**extra, **item.extra} if item.extra else extra
             completion, attempts = await complete(
-                item.prompt, headers, timeout, body, on_attempt=on_attempt
+                item.prompt, headers, timeout, body, on_attempt=on_attempt, stop=stops or None
             )
             if not stops:
                 return completion.prompt, attempts
@@ -466,17 +466,19 @@ class AsyncClient:
         extra: dict[str, Any],
         *,
         on_attempt: AttemptHook | None = None,
+        stop: object = None,
     ) -> tuple[Completion, int]:
         """One unary call: its ``Completion`` and how many attempts its POST took.
 
         ``on_attempt`` also sees this call's ``AttemptEvent``s (fan-out, telemetry).
+        ``stop`` (applied by the caller) is only recorded by telemetry.
         """
         transport = self._transport
         if transport is None or self._loop is not asyncio.get_running_loop():
             transport = self._transport_for_loop()
         call = self._calls.request(prompt, headers, timeout, extra, on_attempt)
         if self._telemetry is not None:
-            call.observer = self._observe(call, prompt, extra, None)
+            call.observer = self._observe(call, prompt, extra, stop)
         # As _run_call does, inlined: this is the hot path.
         with self._scope(call) as observer:
             try:

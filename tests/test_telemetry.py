@@ -157,11 +157,13 @@ async def test_model_defaults_to_modal_and_stop_sequences_are_recorded(
         await client.generate("hi")
         async for _ in client.stream("hi", stop=["\n", "END"]):
             pass
-    unary, stream = otel.spans()
+        await client.generate("hi", stop="zz")
+    unary, stream, stopped = otel.spans()
     assert unary.name == stream.name == "text_completion modal"
     assert "gen_ai.request.model" not in attrs(unary)
     assert "gen_ai.request.stop_sequences" not in attrs(unary)
     assert attrs(stream)["gen_ai.request.stop_sequences"] == ("\n", "END")
+    assert attrs(stopped)["gen_ai.request.stop_sequences"] == ("zz",)
 
 
 async def test_the_span_is_a_child_of_the_callers_span(otel: Otel, endpoint: str) -> None:
