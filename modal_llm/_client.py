@@ -3,41 +3,31 @@
 It owns the session's lifecycle (one pooled aiohttp session per client, created in the
 first loop that uses it), turns arguments into a ``Call`` and runs it: ``_scope`` is
 where every logical call (unary, stream, resume) starts and ends. The HTTP work lives in
-``_send`` (one request, error mapping, byte caps), ``_redirects`` (the 303 chain) and
-``_streaming`` (the stream consumer); retries in ``_retry``; observers in ``_hooks``.
+``_send`` (one request, error mapping, byte caps), ``_unary`` and ``_redirects`` (a
+reply and the 303 chain), ``_streaming`` (a stream); retries in ``_retry``; observers in
+``_hooks``; calls are built by ``_call``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
-import warnings
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
 from functools import partial
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
-import aiohttp
-
 from ._batch import gather_bounded
-from ._call import Call, CallFactory, Redirect, Reply, deadline_error
+from ._call import Call, Redirect, deadline_error
 from ._config import (
-    DNS_CACHE_TTL,
-    KEEPALIVE_TIMEOUT,
     USE_CLIENT_DEFAULT,
-    ClientOptions,
-    ClientSettings,
     TimeoutTypes,
     UseClientDefault,
 )
 from ._exceptions import (
-    ClientClosedError,
     ConfigError,
     ModalLLMError,
     mask_error,
-    redact_url,
 )
 from ._fanout import (
     BatchItem,
@@ -48,21 +38,16 @@ from ._fanout import (
     fan_out,
 )
 from ._hooks import AttemptHook, CallHooks
+from ._lifecycle import PooledClient, State
 from ._pacing import AdaptiveConcurrency, RateLimiter
-from ._redirects import next_hop
-from ._retry import retry_failed, send_with_retries
-from ._send import Transport
 from ._stop import StopMatcher, normalize_stop
 from ._streaming import StreamState, TextStream, stream_pieces
-from ._telemetry import instrumentation_for
 from ._types import HeaderTypes, StopTypes
-from ._watch import FirstByteWatch
+from ._unary import follow, post_and_follow
 
 if TYPE_CHECKING:
-    from typing_extensions import Unpack
-
     from ._models import Completion
-    from ._otel import CallScope, Instrumentation
+    from ._otel import CallScope
 
 __all__ = ["AsyncClient"]
 
@@ -74,21 +59,16 @@ T = TypeVar("T")
 _NO_SCOPE: Final[contextlib.AbstractContextManager[None]] = contextlib.nullcontext()
 
 
-class _State(enum.Enum):
-    UNOPENED = 1  # no session yet: it is created inside the first running loop that uses us
-    OPENED = 2  # a session exists and belongs to ``_loop``
-    CLOSED = 3  # aclose() ran; the client cannot be reopened
-
-
-class AsyncClient:
+class AsyncClient(PooledClient):
     """An asyncio client for a Modal LLM web endpoint, with one pooled connection set.
 
     Usage::
 
         async with AsyncClient("https://me--llm-web.modal.run") as client:
             text = await client.generate("Identify yourself, bot!", max_tokens=64)
-            async for piece in client.stream("Tell me a story", stop=["\\n\\n"]):
-                print(piece, end="")
+            async with client.stream("Tell me a story", stop=["\\n\\n"]) as pieces:
+                async for piece in pieces:
+                    print(piece, end="")
             texts = await client.generate_many(prompts, return_exceptions=True)
 
     Options (all keyword-only; see docs/configuration.md): ``modal_key``/``modal_secret``
@@ -100,126 +80,6 @@ class AsyncClient:
     the global ones) and ``capture_content`` (docs/observability.md). The URL falls back
     to ``MODAL_LLM_ENDPOINT_URL``.
     """
-
-    _state = _State.CLOSED  # so __del__ is quiet if __init__ failed before setting it
-    _session: aiohttp.ClientSession | None = None
-
-    def __init__(self, endpoint_url: str | None = None, **options: Unpack[ClientSettings]) -> None:
-        self._init(ClientOptions.build(endpoint_url, **options))
-
-    @classmethod
-    def from_options(cls, options: ClientOptions) -> AsyncClient:
-        """Build a client from already resolved options (used by the blocking ``Client``)."""
-        self = cls.__new__(cls)
-        self._init(options)
-        return self
-
-    def _init(self, options: ClientOptions) -> None:
-        self._options = options
-        self._url = options.endpoint_url
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._transport: Transport | None = None
-        self._slot: asyncio.Semaphore | None = None  # the transport's, for inspection
-        self._calls = CallFactory(options)
-        self._secrets = self._calls.secrets
-        self._telemetry: Instrumentation | None = None  # decided when the transport opens
-        self._state = _State.UNOPENED
-
-    @property
-    def options(self) -> ClientOptions:
-        """The resolved settings (credentials are hidden in its repr)."""
-        return self._options
-
-    @property
-    def endpoint_url(self) -> str:
-        return self._url
-
-    def __repr__(self) -> str:
-        return f"<AsyncClient {redact_url(self._url)} {self._state.name.lower()}>"
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    async def __aenter__(self) -> AsyncClient:
-        self._session_for_loop()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the connection pool. Idempotent; the client cannot be used afterwards.
-
-        Streams still open are cut (their next read raises ``StreamInterruptedError``).
-        """
-        session, self._session = self._session, None
-        self._state = _State.CLOSED
-        if self._transport is not None:
-            self._transport.closed = True
-        if session is not None and not session.closed:
-            await session.close()
-
-    def __del__(self, _warnings: Any = warnings) -> None:
-        # Never await here: the loop may be closed. Tell the user about the leak in one
-        # line of our own, and keep aiohttp from adding its "Unclosed client session".
-        session = self._session
-        if self._state is not _State.OPENED or session is None or session.closed:
-            return
-        message = (
-            f"AsyncClient for {redact_url(self._url)} was never closed; use "
-            "'async with AsyncClient(...) as client:' or 'await client.aclose()'"
-        )
-        connector = session.connector
-        session.detach()
-        if connector is not None:
-            with contextlib.suppress(Exception):  # aiohttp's own __del__, minus its warning
-                connector._close()
-        log.warning(message)
-        _warnings.warn(message, ResourceWarning, source=self, stacklevel=1)
-
-    def _session_for_loop(self) -> aiohttp.ClientSession:
-        return self._transport_for_loop().session
-
-    def _transport_for_loop(self) -> Transport:
-        loop = asyncio.get_running_loop()
-        transport = self._transport
-        if transport is not None and self._loop is loop and not transport.closed:
-            return transport
-        if self._state is _State.CLOSED:
-            raise ClientClosedError("Cannot use a closed client; create a new one.")
-        if transport is not None:
-            raise ClientClosedError(
-                "this AsyncClient belongs to another event loop; create one client per loop "
-                "(or use modal_llm.Client from synchronous code)"
-            )
-        opts = self._options
-        connector = aiohttp.TCPConnector(
-            limit=opts.connection_limit,
-            limit_per_host=opts.connection_limit,
-            keepalive_timeout=KEEPALIVE_TIMEOUT,
-            ttl_dns_cache=DNS_CACHE_TTL,
-        )
-        self._session = session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._calls.aio_timeout,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        )
-        self._transport = transport = Transport(session, opts, FirstByteWatch(loop))
-        self._telemetry = instrumentation_for(
-            opts.endpoint_url,
-            tracer_provider=opts.tracer_provider,
-            meter_provider=opts.meter_provider,
-            capture_content=opts.capture_content,
-        )
-        self._slot = transport.slot
-        self._loop = loop
-        self._state = _State.OPENED
-        return transport
 
     # -- public calls ----------------------------------------------------------------------
 
@@ -273,10 +133,12 @@ class AsyncClient:
             raise ConfigError(f"max_redirects must be an int >= 1, not {max_redirects!r}")
         call = self._calls.resume(timeout)
         redirect = Redirect(303, result_url, self._url)
-        self._transport_for_loop()  # decides telemetry
+        self._transport_for_loop()  # opens the session, which decides telemetry
         if self._telemetry is not None:
             call.observer = self._observe(call, None, {}, None)
-        return await self._run_call(call, partial(self._follow, redirect, call, budget))
+        transport = self._transport_for_loop()
+        run = partial(follow, transport, redirect, call, self._url, self._options.retry, budget)
+        return await self._run_call(call, run)
 
     @overload
     async def generate_many(
@@ -394,7 +256,7 @@ class AsyncClient:
             return StopMatcher(stops).apply(completion.prompt), attempts
 
         results = fan_out(send, items, plan)
-        if plan.limiter is None or (self._telemetry is None and self._state is _State.OPENED):
+        if plan.limiter is None or (self._telemetry is None and self._state is State.OPENED):
             return results
         return self._gauging_limit(results, plan.limiter)
 
@@ -438,7 +300,7 @@ class AsyncClient:
         """
         stops = normalize_stop(stop)
         call = self._calls.request(prompt, headers, timeout, extra, None, streaming=True)
-        if self._telemetry is not None or self._state is _State.UNOPENED:
+        if self._telemetry is not None or self._state is State.UNOPENED:
             # Started by _scope when the stream opens: nothing is sent before that.
             call.observer = partial(self._observe, call, prompt, extra, stops or None)
         state = StreamState()
@@ -482,10 +344,11 @@ class AsyncClient:
         # As _run_call does, inlined: this is the hot path.
         with self._scope(call) as observer:
             try:
+                opts = self._options
+                work = post_and_follow(transport, call, self._url, opts.retry, opts.max_redirects)
                 if call.deadline_at is None:
-                    result = await self._post_and_follow(transport, call)
+                    result = await work
                 else:
-                    work = self._post_and_follow(transport, call)
                     result = await self._before_deadline(call, work)
             except ModalLLMError as exc:
                 mask_error(exc, self._secrets)
@@ -556,45 +419,6 @@ class AsyncClient:
             return await asyncio.wait_for(work, remaining)
         except asyncio.TimeoutError:
             raise deadline_error(call, self._url) from None
-
-    async def _post_and_follow(self, transport: Transport, call: Call) -> tuple[Completion, int]:
-        """One POST (retried), maybe a 303 chain, one parse: the whole unary call."""
-        url = self._url
-        if call.hooks is None:  # the hot path: attempt 1 inline, the driver only on failure
-            try:
-                reply: Reply | Redirect = await transport.fetch("POST", url, call.body, call, 1)
-                attempts = 1
-            except ModalLLMError as exc:
-                send = partial(transport.fetch, "POST", url, call.body, call)
-                loop_time = asyncio.get_running_loop().time
-                reply, attempts = await retry_failed(
-                    exc, send, call, self._options.retry, loop_time
-                )
-        else:
-            send = partial(transport.fetch, "POST", url, call.body, call)
-            loop_time = asyncio.get_running_loop().time
-            reply, attempts = await send_with_retries(send, call, self._options.retry, loop_time)
-        if isinstance(reply, Redirect):
-            return await self._follow(reply, call, self._options.max_redirects), attempts
-        return self._parse(reply), attempts
-
-    async def _follow(self, redirect: Redirect, call: Call, max_redirects: int) -> Completion:
-        """Follow Modal's 303 result-URL chain with GET; never re-send the POST."""
-        transport = self._transport_for_loop()
-        loop_time = asyncio.get_running_loop().time
-        reply: Reply | Redirect = redirect
-        while isinstance(reply, Redirect):
-            target = next_hop(reply, call, self._url, max_redirects)
-            send = partial(transport.fetch, "GET", target, None, call)
-            reply, _ = await send_with_retries(send, call, self._options.retry, loop_time)
-        return self._parse(reply)
-
-    def _parse(self, reply: Reply) -> Completion:
-        # Imported here so that ``import modal_llm`` does not pay for pydantic's model
-        # machinery; after the first reply this is a dictionary lookup.
-        from ._models import parse_reply
-
-        return parse_reply(reply.body, status_code=reply.status, url=reply.url)
 
 
 def _text_of(result: object) -> str | None:

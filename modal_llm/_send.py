@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 import aiohttp
 
 from ._call import ATTEMPT_HEADER, Call, Redirect, Reply
+from ._config import DNS_CACHE_TTL, KEEPALIVE_TIMEOUT
 from ._decoders import refused_media_type
 from ._exceptions import (
     ClientClosedError,
@@ -33,10 +34,10 @@ from ._exceptions import (
     status_error_class,
 )
 from ._retry import parse_retry_after
+from ._watch import FirstByteWatch
 
 if TYPE_CHECKING:
     from ._config import ClientOptions
-    from ._watch import FirstByteWatch
 
 __all__ = ["ERROR_BODY_LIMIT", "ErrorMap", "Opened", "Transport"]
 
@@ -243,6 +244,28 @@ class Transport:
         "slot",
         "watch",
     )
+
+    @classmethod
+    def open_session(
+        cls,
+        options: ClientOptions,
+        timeout: aiohttp.ClientTimeout,
+        loop: asyncio.AbstractEventLoop,
+    ) -> Transport:
+        """A new pooled session for ``loop`` (no cookies, no proxy from the environment)."""
+        connector = aiohttp.TCPConnector(
+            limit=options.connection_limit,
+            limit_per_host=options.connection_limit,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            ttl_dns_cache=DNS_CACHE_TTL,
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        return cls(session, options, FirstByteWatch(loop))
 
     def __init__(
         self,
