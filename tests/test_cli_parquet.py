@@ -39,6 +39,7 @@ async def test_parquet_in_parquet_out_with_the_jsonl_columns(tmp_path: Path) -> 
         ran = await modal_llm("batch", str(source), "-o", str(output), "--endpoint", url)
     assert ran.code == EXIT_BAD_INPUT, ran.err
     assert f"{source}: row 3: bad input row: 'prompt' is missing" in ran.err
+    assert "1 bad input rows skipped" in ran.err
     result = pq.read_table(output)
     assert result.schema.names == ["id", "text", "error", "attempts", "latency"]
     assert str(result.schema.field("id").type) == "string"

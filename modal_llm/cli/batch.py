@@ -260,7 +260,7 @@ def _batch(args: argparse.Namespace, state: _Run) -> int:
     retries = f"{state.retries} retr{'y' if state.retries == 1 else 'ies'}"
     parts = [f"{state.ok} succeeded", f"{state.failed} failed", retries]
     if source.bad:
-        parts.append(f"{source.bad} bad input lines skipped")
+        parts.append(f"{source.bad} bad input {check.unit}s skipped")
     if source.skipped:
         parts.append(f"{source.skipped} already done in {args.output}")
     print(f"{PROG} batch: " + ", ".join(parts), file=sys.stderr)
