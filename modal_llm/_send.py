@@ -34,10 +34,11 @@ from ._exceptions import (
     status_error_class,
 )
 from ._retry import parse_retry_after
-from ._watch import FirstByteWatch
+from ._watch import FirstByteWatch, SilenceWatch
 
 if TYPE_CHECKING:
     from ._config import ClientOptions
+    from ._watch import _Silence
 
 __all__ = ["ERROR_BODY_LIMIT", "ErrorMap", "Opened", "Transport"]
 
@@ -143,6 +144,7 @@ class Opened:
         "errors",
         "received",
         "resp",
+        "silence",
         "status",
         "url",
     )
@@ -165,6 +167,7 @@ class Opened:
         encoding = resp.headers.get("Content-Encoding")
         self.encoded = encoding is not None and encoding.strip().lower() != "identity"
         self.received = 0
+        self.silence: _Silence | None = None  # a stream's read timeout (SilenceWatch)
 
     async def chunk(self, deadline_at: float | None = None) -> bytes:
         """The next decoded chunk of the body, ``b""`` at its end; errors are ours."""
@@ -215,6 +218,9 @@ class Opened:
 
     def release(self, *, reuse: bool = False) -> None:
         """Give back the connection and the slot; ``reuse`` when the body was read whole."""
+        silence, self.silence = self.silence, None
+        if silence is not None:
+            silence.cancel()
         if reuse:
             self.resp.release()
         else:
@@ -233,7 +239,8 @@ def _deadline_passed(url: str) -> EndpointTimeoutError:
 
 
 class Transport:
-    """The pooled session of one event loop, its concurrency slots and first-byte watch."""
+    """The pooled session of one event loop, its concurrency slots, first-byte watch and
+    streams' read-timeout watch."""
 
     __slots__ = (
         "cap",
@@ -241,6 +248,7 @@ class Transport:
         "endpoint_url",
         "max_concurrency",
         "session",
+        "silence",
         "slot",
         "watch",
     )
@@ -278,6 +286,7 @@ class Transport:
         self.max_concurrency = options.max_concurrency
         self.slot = asyncio.Semaphore(options.max_concurrency)
         self.watch = watch
+        self.silence = SilenceWatch(watch.loop)
         self.cap = options.max_reply_bytes
         self.closed = False
 
@@ -373,12 +382,31 @@ class Transport:
                     body=body,
                     url=url,
                 )
-            return Opened(resp, content_type, errors, slot, self.cap)
+            opened = Opened(resp, content_type, errors, slot, self.cap)
+            if call.kind == "stream":
+                self._watch_silence(opened)
+            return opened
         except BaseException:
             if resp is not None:
                 resp.close()
             slot.release()
             raise
+
+    def _watch_silence(self, opened: Opened) -> None:
+        """Move a stream's between-chunks timeout from aiohttp, which re-arms a loop timer
+        on every packet, to the shared ``SilenceWatch`` (the same timeout, no per-piece
+        cost). Whatever aiohttp was set to wait is what the watch waits."""
+        resp = opened.resp
+        connection = resp.connection
+        protocol = connection.protocol if connection is not None else None
+        if protocol is None or resp.content.is_eof():
+            return
+        seconds = protocol.read_timeout
+        if not seconds:
+            return
+        protocol.read_timeout = None
+        protocol.start_timeout()  # cancels aiohttp's running timer (no timeout: none re-armed)
+        opened.silence = self.silence.watch(opened, seconds)
 
     async def fetch(
         self, method: str, url: str, data: bytes | None, call: Call, attempt: int

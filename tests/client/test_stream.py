@@ -330,6 +330,32 @@ async def test_deadline_bounds_a_running_stream(make_endpoint: MakeEndpoint) -> 
     assert info.value.__cause__.phase == "deadline"
 
 
+async def test_read_timeout_counts_silence_while_the_caller_is_busy(
+    make_endpoint: MakeEndpoint,
+) -> None:
+    # As with aiohttp's own timer: the server's silence counts from its last byte even
+    # while a slow caller has a little unread data, so a stall is not hidden by the caller.
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for chunk in sse("a", "b", done=False):
+            await resp.write(chunk)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # silent far longer than the read timeout
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    url = await make_endpoint(handler)
+    async with AsyncClient(url, timeout=Timeout(read=0.2)) as c:
+        pieces = c.stream("hi")
+        with pytest.raises(StreamInterruptedError, match="reading") as info:
+            async for piece in pieces:
+                if piece == "a":
+                    await asyncio.sleep(1.0)  # a busy caller; "b" waits unread meanwhile
+    assert info.value.partial_text.startswith("a")
+
+
 async def test_read_timeout_on_a_stalled_stream(make_endpoint: MakeEndpoint) -> None:
     chunks = sse("a", done=False)
     url = await make_endpoint(streaming("text/event-stream", chunks, hang_at_end=True))
