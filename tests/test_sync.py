@@ -31,7 +31,7 @@ from modal_llm import (
     ModalLLMError,
     StatusError,
     UseClientDefault,
-    _sync,
+    _portal,
 )
 from modal_llm._config import TimeoutTypes
 from modal_llm.server import toy_generate
@@ -147,7 +147,7 @@ def test_generate_many_runs_under_the_limit(endpoint: ThreadedEndpoint) -> None:
 def test_ctrl_c_cancels_the_call_and_keeps_the_client(
     client: Client, endpoint: ThreadedEndpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_wait = _sync._wait_for_result
+    real_wait = _portal._wait_for_result
     interrupted: list[bool] = []
 
     def wait_then_ctrl_c(future: concurrent.futures.Future[Any]) -> Any:
@@ -157,7 +157,7 @@ def test_ctrl_c_cancels_the_call_and_keeps_the_client(
             raise KeyboardInterrupt
         return real_wait(future)
 
-    monkeypatch.setattr(_sync, "_wait_for_result", wait_then_ctrl_c)
+    monkeypatch.setattr(_portal, "_wait_for_result", wait_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         client.generate("hold: forever")
     assert endpoint.disconnected.wait(WAIT)  # the request was cancelled, not left running
@@ -168,7 +168,7 @@ def test_ctrl_c_cancels_the_call_and_keeps_the_client(
 def test_ctrl_c_during_a_stream_closes_its_response(
     client: Client, endpoint: ThreadedEndpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_wait = _sync._wait_for_result
+    real_wait = _portal._wait_for_result
     waits: list[int] = []
 
     def ctrl_c_on_second_piece(future: concurrent.futures.Future[Any]) -> Any:
@@ -178,7 +178,7 @@ def test_ctrl_c_during_a_stream_closes_its_response(
             raise KeyboardInterrupt
         return real_wait(future)
 
-    monkeypatch.setattr(_sync, "_wait_for_result", ctrl_c_on_second_piece)
+    monkeypatch.setattr(_portal, "_wait_for_result", ctrl_c_on_second_piece)
     pieces = client.stream("hold: after one piece")
     assert next(pieces) == "one "
     with pytest.raises(KeyboardInterrupt):
