@@ -460,6 +460,27 @@ def _compute(actors: int | tuple[int, int], calls_per_actor: int) -> Any:
     return ActorPoolStrategy(size=count("actors", actors), max_concurrent_calls_per_actor=calls)
 
 
+def _spread(ds: Any, batch_size: int, actors: float, calls_per_actor: int) -> Any:
+    """``ds`` cut into blocks that can keep every actor busy.
+
+    A materialized dataset (``from_items``, ``from_pandas``, ``materialize()``...) knows
+    its blocks: it is repartitioned only when it has fewer than there are calls to run
+    them (``actors`` × ``calls_per_actor``, at most one block per ``batch_size`` rows);
+    many small blocks are left alone, ``map_batches`` bundles them. A lazy dataset's
+    blocks are unknown until it runs: blocks over ``batch_size`` rows are cut as they
+    stream by (Ray's streaming repartition; no shuffle, nothing materialized).
+    """
+    from ray.data.dataset import MaterializedDataset
+
+    if isinstance(ds, MaterializedDataset):
+        rows = ds.count()  # from the blocks' metadata: nothing runs
+        wanted = min(-(-rows // batch_size), int(min(actors, 1024)) * calls_per_actor)
+        if ds.num_blocks() < wanted:
+            return ds.repartition(wanted)
+        return ds
+    return ds.repartition(target_num_rows_per_block=batch_size)
+
+
 def generate(
     ds: ray.data.Dataset,
     endpoint_url: str | None = None,
@@ -505,8 +526,8 @@ def generate(
     (default :data:`DEFAULT_CALLS_PER_ACTOR`; they share the actor's client and its
     ``max_concurrency``); ``batch_size`` rows per call (default
     :data:`DEFAULT_BATCH_SIZE`); ``num_cpus`` per actor (default :data:`DEFAULT_NUM_CPUS`);
-    ``spread``: cut blocks larger than ``batch_size`` (streaming, no shuffle) so that
-    even a one-block input keeps every actor busy; ``runtime_env`` and
+    ``spread``: cut an input of few, large blocks (a one-block input included) so that
+    every actor gets work, with the least data movement (see ``_spread``); ``runtime_env`` and
     ``ray_remote_args`` for the actors. Requests in flight at most: ``actors`` ×
     ``max_concurrency`` (see docs/ray.md, "Sizing").
 
@@ -546,7 +567,7 @@ def generate(
     if runtime_env is not None:
         remote_args["runtime_env"] = dict(runtime_env)
     if spread:
-        ds = ds.repartition(target_num_rows_per_block=batch_size)
+        ds = _spread(ds, batch_size, compute.max_size, calls_per_actor)
     return ds.map_batches(
         Generator,
         fn_constructor_kwargs=kwargs,

@@ -400,3 +400,30 @@ def test_raise_on_error_fails_the_job_with_the_rows_error() -> None:
     ):
         generate(ds, url, raise_on_error=True, max_retries=0).materialize()
     assert "500" in str(info.value)
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_cli_batch_on_ray_writes_what_the_single_process_writes(tmp_path: Path) -> None:
+    from modal_llm.cli import main
+
+    rows, burst = 300, 30
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": f"p{i}", "n": i}) + "\n" for i in range(rows))
+    )
+    outputs = {}
+    for mode in ("single", "ray"):
+        out = tmp_path / f"{mode}.parquet"
+        with _endpoint("--error-burst", str(burst), "--error-status", "500") as url:
+            argv = ["batch", str(source), "-o", str(out), "--endpoint", url, "--max-retries", "0"]
+            status = main([*argv, "--ray"] if mode == "ray" else argv)
+        assert status == 1  # some rows failed, either way
+        outputs[mode] = pq.read_table(out)
+    single, on_ray = outputs["single"], outputs["ray"]
+    assert on_ray.schema == single.schema
+    assert sorted(on_ray.column("id").to_pylist()) == sorted(single.column("id").to_pylist())
+    for table in (single, on_ray):
+        errors = [e for e in table.column("error").to_pylist() if e is not None]
+        assert len(errors) == burst
+        assert {(e["type"], e["status"]) for e in errors} == {("ServerError", 500)}
+        assert table.column("text").null_count == burst

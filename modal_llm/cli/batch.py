@@ -101,6 +101,23 @@ def add_parser(commands: Any, endpoint: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ordered", action="store_true", help="write results in input order")
     parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the batch on Ray Data through modal_llm.ray (the 'ray' extra): on a local "
+        "Ray, or on the cluster at ADDRESS (e.g. auto, ray://head:10001); same OUTPUT, "
+        "same exit status (docs/ray.md)",
+    )
+    parser.add_argument(
+        "--ray-actors",
+        type=positive_int,
+        default=2,
+        metavar="N",
+        help="with --ray: actors, each with one client; --concurrency is split over them "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -248,7 +265,12 @@ def _batch(args: argparse.Namespace, state: _Run) -> int:
         else:
             stack.callback(sink.close)
         try:
-            run(_run_batch(args, client, source, sink, progress, state))
+            if args.ray is not None:
+                from .ray_batch import run_on_ray
+
+                run_on_ray(args, client, source, sink, progress, state)
+            else:
+                run(_run_batch(args, client, source, sink, progress, state))
         except CliExit as exc:
             if sink.written and args.output != "-":
                 exc.message += (
