@@ -1,4 +1,4 @@
-"""Fan a batch out past one machine on Ray Data (install with ``pip install 'modal-llm[ray]'``).
+"""Fan a batch out past one machine on Ray Data (the ``ray`` extra: ``ray[data]>=2.60``).
 
 Usage::
 
@@ -464,8 +464,8 @@ def _spread(ds: Any, batch_size: int, actors: float, calls_per_actor: int) -> An
     """``ds`` cut into blocks that can keep every actor busy.
 
     A materialized dataset (``from_items``, ``from_pandas``, ``materialize()``...) knows
-    its blocks: it is repartitioned only when it has fewer than there are calls to run
-    them (``actors`` × ``calls_per_actor``, at most one block per ``batch_size`` rows);
+    its blocks: it is repartitioned only when it has fewer than 4 × ``actors`` ×
+    ``calls_per_actor`` (at most one block per ``batch_size`` rows);
     many small blocks are left alone, ``map_batches`` bundles them. A lazy dataset's
     blocks are unknown until it runs: blocks over ``batch_size`` rows are cut as they
     stream by (Ray's streaming repartition; no shuffle, nothing materialized).
@@ -474,7 +474,9 @@ def _spread(ds: Any, batch_size: int, actors: float, calls_per_actor: int) -> An
 
     if isinstance(ds, MaterializedDataset):
         rows = ds.count()  # from the blocks' metadata: nothing runs
-        wanted = min(-(-rows // batch_size), int(min(actors, 1024)) * calls_per_actor)
+        # Ray Data hands an actor up to twice its calls at once: twice that again per actor
+        # leaves work for the actors that start last.
+        wanted = min(-(-rows // batch_size), 4 * int(min(actors, 1024)) * calls_per_actor)
         if ds.num_blocks() < wanted:
             return ds.repartition(wanted)
         return ds

@@ -68,7 +68,9 @@ def run_on_ray(
     try:
         import modal_llm.ray as mray
     except ImportError:
-        raise CliExit(EXIT_USAGE, "--ray needs Ray Data: pip install 'modal-llm[ray]'") from None
+        raise CliExit(
+            EXIT_USAGE, "--ray needs Ray Data: pip install 'ray[data]>=2.60' (the 'ray' extra)"
+        ) from None
     import ray.data
 
     items = run(_collect(source))
