@@ -61,8 +61,8 @@ from modal_llm import (
     RetryPolicy,
     StreamError,
     Timeout,
+    is_retryable,
 )
-from modal_llm._retry import is_retryable
 from modal_llm.server import STATS, ServerConfig, create_app, serve, toy_generate
 from modal_llm.testing import FAULT_KINDS, FaultConfig, FaultProxy
 
@@ -366,15 +366,11 @@ class _WarningTrap:
                 warnings.showwarning = previous_show
 
 
-def _pool_state(client: AsyncClient, concurrency: int) -> tuple[bool, str]:
-    slot = client._slot
-    session = client._session
-    acquired = -1
-    if session is not None and session.connector is not None:
-        acquired = len(session.connector._acquired)
-    free = -1 if slot is None else slot._value
-    ok = free == concurrency and acquired == 0
-    return ok, f"free slots {free}/{concurrency}, connections checked out {acquired}"
+def _pool_state(client: AsyncClient | Client, concurrency: int) -> tuple[bool, str]:
+    pool = client.pool
+    free = pool.max_concurrency - pool.slots_in_use
+    ok = free == concurrency and pool.connections_in_use == 0
+    return ok, f"free slots {free}/{concurrency}, connections checked out {pool.connections_in_use}"
 
 
 class _Run:
@@ -458,7 +454,7 @@ class _Run:
                         event_hooks=hooks,
                     )
                 )
-                self.idle = lambda: _idle(client) + _idle(blocking._aclient)
+                self.idle = lambda: client.pool.connections_idle + blocking.pool.connections_idle
                 try:
                     async with client:
                         await self._segments(client, blocking, started)
@@ -596,7 +592,7 @@ class _Run:
     def _check_pools(self, client: AsyncClient, blocking: Client) -> None:
         ok, detail = _pool_state(client, self.config.concurrency)
         self.report.checks.append(Check("AsyncClient slots and connections all back", ok, detail))
-        sync_ok, sync_detail = _pool_state(blocking._aclient, self.config.threads)
+        sync_ok, sync_detail = _pool_state(blocking, self.config.threads)
         self.report.checks.append(
             Check("blocking Client slots and connections all back", sync_ok, sync_detail)
         )
@@ -755,14 +751,6 @@ class _Run:
                     f"{base.fds} before, {after.fds} after",
                 )
             )
-
-
-def _idle(client: AsyncClient) -> int:
-    """Connections idle in ``client``'s pool."""
-    session = client._session
-    if session is None or session.connector is None:
-        return 0
-    return sum(len(conns) for conns in list(session.connector._conns.values()))
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:

@@ -50,7 +50,9 @@ from ._fanout import BatchItem, BatchResult
 from ._hooks import AttemptEvent, AttemptHook
 from ._logs import setup_logging as _setup_logging
 from ._pacing import AdaptiveConcurrency, RateLimiter
+from ._retry import is_retryable
 from ._run import run
+from ._send import PoolStats
 from ._streaming import TextStream
 from ._sync import Client
 
@@ -78,6 +80,7 @@ __all__ = [
     "ContractError",
     "EndpointTimeoutError",
     "ModalLLMError",
+    "PoolStats",
     "PoolTimeoutError",
     "RateLimitError",
     "RateLimiter",
@@ -94,6 +97,7 @@ __all__ = [
     "Timeout",
     "TransportError",
     "UseClientDefault",
+    "is_retryable",
     "run",
 ]
 

@@ -20,7 +20,7 @@ import aiohttp
 from ._call import CallFactory
 from ._config import ClientOptions, ClientSettings
 from ._exceptions import ClientClosedError, redact_url
-from ._send import Transport
+from ._send import PoolStats, Transport
 from ._telemetry import instrumentation_for
 
 if TYPE_CHECKING:
@@ -60,7 +60,6 @@ class PooledClient:
         self._url = options.endpoint_url
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: Transport | None = None
-        self._slot: asyncio.Semaphore | None = None  # the transport's, for inspection
         self._calls = CallFactory(options)
         self._secrets = self._calls.secrets
         self._telemetry: Instrumentation | None = None  # decided when the transport opens
@@ -74,6 +73,19 @@ class PooledClient:
     @property
     def endpoint_url(self) -> str:
         return self._url
+
+    @property
+    def pool(self) -> PoolStats:
+        """What the client holds now: slots in use, connections in use and idle.
+
+        A ``PoolStats`` snapshot, read-only; all zero before the first call. Once every call
+        has returned and every stream is closed, ``slots_in_use`` and
+        ``connections_in_use`` are 0 (a check for leaks).
+        """
+        transport = self._transport
+        if transport is None:
+            return PoolStats(self._options.max_concurrency, 0, 0, 0)
+        return transport.stats()
 
     def __repr__(self) -> str:
         return f"<AsyncClient {redact_url(self._url)} {self._state.name.lower()}>"
@@ -146,7 +158,6 @@ class PooledClient:
             meter_provider=opts.meter_provider,
             capture_content=opts.capture_content,
         )
-        self._slot = transport.slot
         self._loop = loop
         self._state = State.OPENED
         return transport

@@ -12,6 +12,7 @@ capped at ``max_reply_bytes`` over the whole body.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from ._config import ClientOptions
     from ._watch import _Silence
 
-__all__ = ["ERROR_BODY_LIMIT", "ErrorMap", "Opened", "Transport"]
+__all__ = ["ERROR_BODY_LIMIT", "ErrorMap", "Opened", "PoolStats", "Transport"]
 
 FOLLOWED_REDIRECTS: Final = frozenset({301, 302, 303})
 REFUSED_REDIRECTS: Final = frozenset({307, 308})
@@ -234,6 +235,25 @@ class Opened:
         return self._slot is not None
 
 
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A snapshot of one client's concurrency slots and connection pool (``client.pool``).
+
+    For leak checks and dashboards: once every call has returned and every stream is
+    closed, ``slots_in_use`` and ``connections_in_use`` are back to 0. The figures are
+    read when asked for; nothing is counted on the request path.
+    """
+
+    max_concurrency: int
+    """Concurrency slots in all (the client's ``max_concurrency``)."""
+    slots_in_use: int
+    """Slots held now: requests in flight and streams not yet closed."""
+    connections_in_use: int
+    """Connections checked out of the pool: a request, or a body not yet read, on each."""
+    connections_idle: int
+    """Kept-alive connections waiting in the pool for reuse."""
+
+
 def _deadline_passed(url: str) -> EndpointTimeoutError:
     return EndpointTimeoutError("the call's deadline passed", phase="deadline", url=url)
 
@@ -289,6 +309,18 @@ class Transport:
         self.silence = SilenceWatch(watch.loop)
         self.cap = options.max_reply_bytes
         self.closed = False
+
+    def stats(self) -> PoolStats:
+        """The slots and connections in use now (see ``PoolStats``)."""
+        # The one place that reads asyncio's and aiohttp's internals, as neither has a public
+        # count: Semaphore._value (free slots), BaseConnector._acquired and ._conns.
+        connector = self.session.connector
+        in_use = idle = 0
+        if connector is not None and not connector.closed:
+            in_use = len(connector._acquired)
+            idle = sum(len(conns) for conns in list(connector._conns.values()))
+        held = self.max_concurrency - self.slot._value
+        return PoolStats(self.max_concurrency, held, in_use, idle)
 
     async def _acquire_within(self, call: Call, url: str) -> asyncio.Semaphore:
         """Take a concurrency slot, waiting at most ``call.pool`` seconds (not None)."""

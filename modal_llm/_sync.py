@@ -26,6 +26,7 @@ from ._exceptions import ClientClosedError, ModalLLMError, redact_url
 from ._fanout import BatchResult, ProgressCallback, PromptLike
 from ._pacing import AdaptiveConcurrency, RateLimiter
 from ._portal import CLOSED_MESSAGE, LoopThread
+from ._send import PoolStats
 from ._types import HeaderTypes, StopTypes
 
 if TYPE_CHECKING:
@@ -107,6 +108,15 @@ class Client:
     @property
     def closed(self) -> bool:
         return self._portal is None or self._portal.closed
+
+    @property
+    def pool(self) -> PoolStats:
+        """``AsyncClient.pool`` of the client underneath: slots and connections in use/idle.
+
+        Read from the calling thread while the loop thread works, so figures taken during
+        calls may be a moment old; once every call has returned they are exact.
+        """
+        return self._aclient.pool
 
     def __repr__(self) -> str:
         if self._portal is None:

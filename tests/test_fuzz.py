@@ -695,11 +695,8 @@ async def _call(client: AsyncClient, op: str) -> str:
 
 def assert_healthy(client: AsyncClient, concurrency: int = FUZZ_CONCURRENCY) -> None:
     """Every concurrency slot and every pooled connection is back."""
-    slot = client._slot
-    assert slot is not None and slot._value == concurrency
-    session = client._session
-    assert session is not None and session.connector is not None
-    assert len(session.connector._acquired) == 0
+    pool = client.pool
+    assert (pool.max_concurrency, pool.slots_in_use, pool.connections_in_use) == (concurrency, 0, 0)
 
 
 @settings(

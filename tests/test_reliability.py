@@ -46,10 +46,9 @@ HANG_GUARD = 10.0
 
 def assert_pool_idle(client: AsyncClient) -> None:
     """Every concurrency slot is free and no pooled connection is checked out."""
-    slot, session = client._slot, client._session
-    assert slot is not None and slot._value == client.options.max_concurrency
-    assert session is not None and session.connector is not None
-    assert len(session.connector._acquired) == 0
+    pool = client.pool
+    assert pool.max_concurrency == client.options.max_concurrency
+    assert (pool.slots_in_use, pool.connections_in_use) == (0, 0), pool
 
 
 async def collect(client: AsyncClient, prompt: str, **kwargs: Any) -> str:

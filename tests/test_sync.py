@@ -29,6 +29,7 @@ from modal_llm import (
     Completion,
     ConfigError,
     ModalLLMError,
+    PoolStats,
     StatusError,
     UseClientDefault,
     _portal,
@@ -112,6 +113,13 @@ def test_sixteen_threads_share_one_client_and_pool(endpoint: ThreadedEndpoint) -
     # The gate opens only once 16 requests are in flight together, and never more are.
     assert endpoint.max_in_flight == 16
     assert len(endpoint.peers) <= 16  # 32 calls reused the pool's connections
+
+
+def test_pool_is_the_async_clients(endpoint: ThreadedEndpoint) -> None:
+    with Client(endpoint.url, max_concurrency=4) as client:
+        assert client.pool == PoolStats(4, 0, 0, 0)
+        client.generate("one")
+        assert client.pool == PoolStats(4, 0, 0, 1)
 
 
 def test_threads_each_get_their_own_outcome_when_calls_settle_together(

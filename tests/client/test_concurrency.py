@@ -9,6 +9,7 @@ from aiohttp import web
 
 from modal_llm import (
     AsyncClient,
+    PoolStats,
     StatusError,
 )
 
@@ -85,3 +86,24 @@ async def test_cancelling_an_in_flight_call_releases_the_connection(
         await asyncio.wait_for(gone.wait(), 5)
         # The single slot and the pool are free again.
         assert await c.generate("after") == "next"
+
+
+async def test_pool_shows_what_the_client_holds(make_endpoint: MakeEndpoint) -> None:
+    arrived, gate = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        arrived.set()
+        await gate.wait()
+        return reply(request.path)
+
+    url = await make_endpoint(handler)
+    c = AsyncClient(url, max_concurrency=3)
+    assert c.pool == PoolStats(3, 0, 0, 0)
+    async with c:
+        call = asyncio.create_task(c.generate("held"))
+        await arrived.wait()
+        assert c.pool == PoolStats(3, 1, 1, 0)
+        gate.set()
+        await call
+        assert c.pool == PoolStats(3, 0, 0, 1)  # kept alive for the next call
+    assert (c.pool.connections_in_use, c.pool.connections_idle) == (0, 0)
