@@ -59,7 +59,7 @@ class Unavailable(Exception):
     """The client, or the method a runner needs, does not exist (yet) in this checkout."""
 
 
-def _count(texts: Iterable[object]) -> int:
+def count_good(texts: Iterable[object]) -> int:
     """Count replies that are non-empty strings: a run that returns junk must not score."""
     return sum(1 for text in texts if isinstance(text, str) and text)
 
@@ -79,7 +79,7 @@ def _is_good(item: object) -> bool:
     return text is None or _is_good(text)
 
 
-def _modal_llm() -> Any:
+def import_modal_llm() -> Any:
     try:
         import modal_llm
     except ImportError as exc:
@@ -113,7 +113,7 @@ async def open_aiohttp(url: str, concurrency: int) -> AsyncIterator[AsyncRun]:
             return json.loads(body)["prompt"]
 
         async def run(prompts: Iterable[str]) -> int:
-            return _count(await asyncio.gather(*(one(p) for p in prompts)))
+            return count_good(await asyncio.gather(*(one(p) for p in prompts)))
 
         yield run
 
@@ -204,7 +204,7 @@ async def open_httpx(url: str, concurrency: int) -> AsyncIterator[AsyncRun]:
             return json.loads(resp.content)["prompt"]
 
         async def run(prompts: Iterable[str]) -> int:
-            return _count(await asyncio.gather(*(one(p) for p in prompts)))
+            return count_good(await asyncio.gather(*(one(p) for p in prompts)))
 
         yield run
 
@@ -225,7 +225,7 @@ def open_requests(url: str, concurrency: int) -> Iterator[SyncRun]:
             return json.loads(resp.content)["prompt"]
 
         def run(prompts: Iterable[str]) -> int:
-            return _count(pool.map(one, prompts))
+            return count_good(pool.map(one, prompts))
 
         yield run
 
@@ -250,7 +250,7 @@ async def open_incumbent_abatch(url: str, concurrency: int) -> AsyncIterator[Asy
     llm = _incumbent(url)
 
     async def run(prompts: Iterable[str]) -> int:
-        return _count(await llm.abatch(list(prompts), config={"max_concurrency": concurrency}))
+        return count_good(await llm.abatch(list(prompts), config={"max_concurrency": concurrency}))
 
     yield run
 
@@ -261,7 +261,7 @@ def open_incumbent_batch(url: str, concurrency: int) -> Iterator[SyncRun]:
     llm = _incumbent(url)
 
     def run(prompts: Iterable[str]) -> int:
-        return _count(llm.batch(list(prompts), config={"max_concurrency": concurrency}))
+        return count_good(llm.batch(list(prompts), config={"max_concurrency": concurrency}))
 
     yield run
 
@@ -271,7 +271,7 @@ def open_incumbent_batch(url: str, concurrency: int) -> Iterator[SyncRun]:
 
 def _async_client(url: str, concurrency: int) -> Any:
     """AsyncClient with default settings except max_concurrency (retries on, as shipped)."""
-    client_cls = _require(_modal_llm(), "AsyncClient", "modal_llm")
+    client_cls = _require(import_modal_llm(), "AsyncClient", "modal_llm")
     return client_cls(url, max_concurrency=concurrency)
 
 
@@ -282,7 +282,7 @@ async def open_mllm_many(url: str, concurrency: int) -> AsyncIterator[AsyncRun]:
         generate_many = _require(client, "generate_many", "AsyncClient")
 
         async def run(prompts: Iterable[str]) -> int:
-            return _count(await generate_many(prompts))
+            return count_good(await generate_many(prompts))
 
         yield run
 
@@ -299,7 +299,7 @@ async def open_mllm_generate(url: str, concurrency: int) -> AsyncIterator[AsyncR
                 return await generate(prompt)
 
         async def run(prompts: Iterable[str]) -> int:
-            return _count(await asyncio.gather(*(one(p) for p in prompts)))
+            return count_good(await asyncio.gather(*(one(p) for p in prompts)))
 
         yield run
 
@@ -333,7 +333,7 @@ def open_mllm_map_ordered(url: str, concurrency: int) -> AbstractAsyncContextMan
 @contextlib.contextmanager
 def open_mllm_sync(url: str, concurrency: int) -> Iterator[SyncRun]:
     """modal-llm blocking Client.generate called from a thread pool."""
-    client_cls = _require(_modal_llm(), "Client", "modal_llm")
+    client_cls = _require(import_modal_llm(), "Client", "modal_llm")
     with contextlib.ExitStack() as stack:
         client = client_cls(url, max_concurrency=concurrency)
         if hasattr(client, "__enter__"):
@@ -344,7 +344,7 @@ def open_mllm_sync(url: str, concurrency: int) -> Iterator[SyncRun]:
         pool = stack.enter_context(ThreadPoolExecutor(concurrency))
 
         def run(prompts: Iterable[str]) -> int:
-            return _count(pool.map(generate, prompts))
+            return count_good(pool.map(generate, prompts))
 
         yield run
 
@@ -352,7 +352,7 @@ def open_mllm_sync(url: str, concurrency: int) -> Iterator[SyncRun]:
 @contextlib.asynccontextmanager
 async def open_mllm_langchain(url: str, concurrency: int) -> AsyncIterator[AsyncRun]:
     """modal_llm.langchain.Modal.abatch with config max_concurrency."""
-    _modal_llm()
+    import_modal_llm()
     try:
         from modal_llm.langchain import Modal  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
@@ -369,7 +369,7 @@ async def open_mllm_langchain(url: str, concurrency: int) -> AsyncIterator[Async
 
         async def run(prompts: Iterable[str]) -> int:
             config = {"max_concurrency": concurrency}
-            return _count(await llm.abatch(list(prompts), config=config))
+            return count_good(await llm.abatch(list(prompts), config=config))
 
         yield run
     finally:

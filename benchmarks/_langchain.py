@@ -18,9 +18,9 @@ if TYPE_CHECKING:
 
 
 def _classes() -> Any:
-    from benchmarks._clients import Unavailable, _modal_llm
+    from benchmarks._clients import Unavailable, import_modal_llm
 
-    _modal_llm()
+    import_modal_llm()
     try:
         import modal_llm.langchain as lc
     except ImportError as exc:
@@ -31,12 +31,12 @@ def _classes() -> Any:
 @contextlib.asynccontextmanager
 async def open_langchain_config(url: str, concurrency: int) -> AsyncIterator[AsyncRun]:
     """``Modal(endpoint_url=url).abatch(prompts, config={"max_concurrency": c})``."""
-    from benchmarks._clients import _count
+    from benchmarks._clients import count_good
 
     llm = _classes().Modal(endpoint_url=url)
 
     async def run(prompts: Iterable[str]) -> int:
-        return _count(await llm.abatch(list(prompts), config={"max_concurrency": concurrency}))
+        return count_good(await llm.abatch(list(prompts), config={"max_concurrency": concurrency}))
 
     yield run
 
@@ -44,7 +44,7 @@ async def open_langchain_config(url: str, concurrency: int) -> AsyncIterator[Asy
 @contextlib.asynccontextmanager
 async def open_chat(url: str, concurrency: int) -> AsyncIterator[AsyncRun]:
     """``ChatModal(endpoint_url=url).abatch(prompts, config={"max_concurrency": c})``."""
-    from benchmarks._clients import Unavailable, _count
+    from benchmarks._clients import Unavailable, count_good
 
     lc = _classes()
     chat_class = getattr(lc, "ChatModal", None)
@@ -54,6 +54,6 @@ async def open_chat(url: str, concurrency: int) -> AsyncIterator[AsyncRun]:
 
     async def run(prompts: Iterable[str]) -> int:
         replies = await chat.abatch(list(prompts), config={"max_concurrency": concurrency})
-        return _count(getattr(reply, "text", None) for reply in replies)
+        return count_good(getattr(reply, "text", None) for reply in replies)
 
     yield run
