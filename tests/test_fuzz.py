@@ -10,13 +10,10 @@ through every wire format, and a raw TCP server that answers with arbitrary byte
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import itertools
 import json
 import re
-import socket
-import struct
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +46,7 @@ from modal_llm._decoders import (
 )
 from modal_llm._exceptions import redact_url
 from modal_llm._models import parse_reply
+from modal_llm.server._script import abort_with_rst
 
 from .conftest import MakeEndpoint
 from .strategies import cut_points, line_text, wire_bytes
@@ -577,14 +575,6 @@ async def _read_request(reader: asyncio.StreamReader) -> bool:
     return True
 
 
-def _abort_with_rst(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
 @dataclass
 class RawServer:
     """A TCP server on 127.0.0.1 that answers every request with ``reply``, byte for byte."""
@@ -622,7 +612,7 @@ class RawServer:
                 if reply.ending == "hang":
                     await asyncio.wait_for(reader.read(), 10)  # until the client gives up
                 elif reply.ending == "rst":
-                    _abort_with_rst(writer)
+                    abort_with_rst(writer.transport)
                 break
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass

@@ -117,9 +117,11 @@ class Script:
         return len(self._left)
 
 
-def reset(request: web.Request) -> None:
-    """Close the request's connection with a TCP RST (``SO_LINGER`` 0)."""
-    transport = request.transport
+def abort_with_rst(transport: asyncio.WriteTransport | None) -> None:
+    """Close a connection so that the peer gets a TCP RST, not FIN (``SO_LINGER`` on, 0 s).
+
+    The one way the reference endpoint, the fault proxy and the tests reset a connection.
+    """
     if transport is None:
         return
     sock = transport.get_extra_info("socket")
@@ -127,6 +129,11 @@ def reset(request: web.Request) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+def reset(request: web.Request) -> None:
+    """Close the request's connection with a TCP RST (``SO_LINGER`` 0)."""
+    abort_with_rst(request.transport)
 
 
 def _parse(raw: bytes, content_type: str | None, config: ServerConfig) -> tuple[str, str | None]:

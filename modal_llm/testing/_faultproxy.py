@@ -66,9 +66,9 @@ import collections
 import contextlib
 import logging
 import random
-import socket
-import struct
 from typing import TYPE_CHECKING, Final
+
+from modal_llm.server._script import abort_with_rst
 
 from ._faultplan import FAULT_KINDS, FaultConfig, FaultKind, Limiter, choose_fault, request_complete
 
@@ -138,15 +138,6 @@ class _Link:
         for writer in self.writers():
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-
-
-def _abort_with_rst(writer: asyncio.StreamWriter) -> None:
-    """Close so that the peer gets RST, not FIN: SO_LINGER on with a zero timeout."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 class FaultProxy:
@@ -314,7 +305,7 @@ class FaultProxy:
     async def _close(self, link: _Link) -> None:
         try:
             if link.rst:
-                _abort_with_rst(link.client_writer)
+                abort_with_rst(link.client_writer.transport)
             for writer in link.writers():
                 if self._stopping:
                     writer.transport.abort()
