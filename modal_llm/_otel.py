@@ -12,9 +12,10 @@ manager of the send path's one start/end of a call (``AsyncClient._scope``)::
         ...                                 # (a stream: only while it opens)
 
 Spans: ``text_completion {model}`` (kind CLIENT), with ``modal_llm.retry`` events.
-Metrics: ``gen_ai.client.operation.duration``, ``gen_ai.client.operation.time_to_first_chunk``,
-``modal_llm.client.retries``, ``modal_llm.client.active_requests`` and
-``modal_llm.client.concurrency.limit``. See docs/observability.md.
+Metrics (the instruments are in ``_otelmetrics.py``): ``gen_ai.client.operation.duration``,
+``gen_ai.client.operation.time_to_first_chunk``, ``modal_llm.client.retries``,
+``modal_llm.client.active_requests`` and ``modal_llm.client.concurrency.limit``. See
+docs/observability.md.
 
 Nothing secret is recorded: no header, no URL (only ``server.address``/``server.port``),
 no error body; prompts and replies only with ``capture_content=True``.
@@ -22,44 +23,41 @@ no error body; prompts and replies only with ``capture_content=True``.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
-import threading
 import time
-import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from contextvars import Token
 from types import TracebackType
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from ._exceptions import ModalLLMError
+from ._otelmetrics import (
+    SCOPE_NAME,
+    Instruments,
+    LimitLike,
+    instruments_for,
+    real_meter_provider,
+    scope_version,
+)
 
 __all__ = ["CallScope", "Instrumentation"]
 
 log = logging.getLogger("modal_llm")
 
-SCOPE_NAME: Final = "modal_llm"
 OPERATION: Final = "text_completion"
 """``gen_ai.operation.name``: a prompt in, generated text out (no chat messages)."""
 PROVIDER: Final = "modal"
 DEFAULT_MODEL: Final = "modal"
 """The model in the span name when the call's extras have no ``model``."""
-
-DURATION_BUCKETS: Final = (
-    *(0.01 * 2**i for i in range(14)),  # 0.01 .. 81.92 s: the GenAI semantic conventions' advice
-    163.84,
-    327.68,
-    655.36,  # cold starts and 303 result-URL chains run for minutes on Modal
-)
 
 # Request parameters recorded from a call's extras (numbers only; a bool is not one).
 _NUMBER_PARAMS: Final = (
@@ -104,158 +102,12 @@ class CallLike(Protocol):
     def first_piece_at(self) -> float | None: ...
 
 
-class LimitLike(Protocol):
-    """What the concurrency-limit gauge reads: ``AdaptiveConcurrency.limit``."""
-
-    @property
-    def limit(self) -> int: ...
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("modal-llm")
-    except PackageNotFoundError:  # running from a source tree
-        return "0.0.0+unknown"
-
-
 def _real_tracer_provider(given: TracerProvider | None) -> TracerProvider | None:
     provider = given if given is not None else trace.get_tracer_provider()
     # The API's defaults (no SDK configured) would hand out non-recording spans.
     if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
         return None
     return provider
-
-
-def _real_meter_provider(given: MeterProvider | None) -> MeterProvider | None:
-    provider = given if given is not None else metrics.get_meter_provider()
-    # ``_ProxyMeterProvider`` is what ``get_meter_provider()`` returns before one is set.
-    if isinstance(provider, metrics.NoOpMeterProvider) or type(provider).__name__.startswith(
-        "_Proxy"
-    ):
-        return None
-    return provider
-
-
-class _Instruments:
-    """The metric instruments of one meter provider, shared by every client using it.
-
-    Shared because a meter provider hands back the instrument registered first under a
-    name, and would drop a second client's gauge callback.
-    """
-
-    def __init__(self, meter: Meter) -> None:
-        self.duration = meter.create_histogram(
-            "gen_ai.client.operation.duration",
-            unit="s",
-            description="Duration of a modal-llm call: all attempts, backoff and 303 hops",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self.first_chunk = meter.create_histogram(
-            "gen_ai.client.operation.time_to_first_chunk",
-            unit="s",
-            description="Time from the start of a streamed call to its first piece of text",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self.retries = meter.create_counter(
-            "modal_llm.client.retries",
-            unit="{retry}",
-            description="Attempts that failed and were retried, by status or error type",
-        )
-        # Calls in flight are plain ints read at collection time: an UpDownCounter would
-        # cost two SDK measurements per call for what a reader samples every few seconds.
-        # One count per client (changed only on its loop's thread), summed per endpoint.
-        self._lock = threading.Lock()  # registration only; the reader takes snapshots
-        self._active: dict[int, weakref.ref[_Active]] = {}
-        meter.create_observable_up_down_counter(
-            "modal_llm.client.active_requests",
-            callbacks=[self._observe_active],
-            unit="{request}",
-            description="Logical calls in flight (waiting for a slot, sending, backing off)",
-        )
-        self._limits: dict[int, tuple[LimitLike, Mapping[str, Any]]] = {}
-        self._keys = itertools.count()
-        meter.create_observable_gauge(
-            "modal_llm.client.concurrency.limit",
-            callbacks=[self._observe_limits],
-            unit="{request}",
-            description="Adaptive concurrency limit of the running map() calls (summed)",
-        )
-
-    def active_for(self, attributes: Mapping[str, Any]) -> _Active:
-        """A new in-flight count for one client; reported while the client lives."""
-        active = _Active(attributes)
-        with self._lock:
-            self._active[next(self._keys)] = weakref.ref(active)
-        return active
-
-    def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
-        with self._lock:
-            refs = list(self._active.items())
-        totals: dict[tuple[Any, ...], tuple[int, Mapping[str, Any]]] = {}
-        for key, ref in refs:
-            active = ref()
-            if active is None:  # its client is gone
-                with self._lock:
-                    self._active.pop(key, None)
-                continue
-            total, _ = totals.get(active.group, (0, active.attributes))
-            totals[active.group] = (total + active.count, active.attributes)
-        return [Observation(total, dict(attributes)) for total, attributes in totals.values()]
-
-    def track(self, limiter: LimitLike, attributes: Mapping[str, Any]) -> Callable[[], None]:
-        key = next(self._keys)
-        with self._lock:
-            self._limits[key] = (limiter, attributes)
-
-        def untrack() -> None:
-            with self._lock:
-                self._limits.pop(key, None)
-
-        return untrack
-
-    def _observe_limits(self, options: CallbackOptions) -> Iterable[Observation]:
-        # Runs on the metric reader's thread: read a snapshot, never the live dict.
-        totals: dict[tuple[Any, ...], tuple[int, Mapping[str, Any]]] = {}
-        seen: set[tuple[int, tuple[Any, ...]]] = set()
-        with self._lock:
-            tracked = list(self._limits.values())
-        for limiter, attributes in tracked:
-            group = tuple(sorted(attributes.items()))
-            if (id(limiter), group) in seen:  # one limiter shared by two maps counts once
-                continue
-            seen.add((id(limiter), group))
-            total, _ = totals.get(group, (0, attributes))
-            totals[group] = (total + limiter.limit, attributes)
-        return [Observation(total, dict(attributes)) for total, attributes in totals.values()]
-
-
-class _Active:
-    """One client's calls in flight; changed on its loop, read by the metric reader."""
-
-    __slots__ = ("__weakref__", "attributes", "count", "group")
-
-    def __init__(self, attributes: Mapping[str, Any]) -> None:
-        self.attributes = dict(attributes)
-        self.group = tuple(sorted(self.attributes.items()))
-        self.count = 0
-
-
-_SHARED: weakref.WeakKeyDictionary[MeterProvider, _Instruments] = weakref.WeakKeyDictionary()
-_SHARED_LOCK = threading.Lock()
-
-
-def _instruments_for(provider: MeterProvider) -> _Instruments:
-    with _SHARED_LOCK:
-        try:
-            found = _SHARED.get(provider)
-        except TypeError:  # a provider that cannot be weakly referenced: not shared
-            return _Instruments(provider.get_meter(SCOPE_NAME, _version()))
-        if found is None:
-            found = _Instruments(provider.get_meter(SCOPE_NAME, _version()))
-            _SHARED[provider] = found
-        return found
 
 
 def _server_attributes(endpoint_url: str) -> dict[str, Any]:
@@ -304,7 +156,7 @@ class Instrumentation:
     def __init__(
         self,
         tracer: Tracer | None,
-        instruments: _Instruments | None,
+        instruments: Instruments | None,
         base: dict[str, Any],
         capture_content: bool,
     ) -> None:
@@ -325,11 +177,11 @@ class Instrumentation:
     ) -> Instrumentation | None:
         """Use the given providers, else the global ones; ``None`` if neither records."""
         tracers = _real_tracer_provider(tracer_provider)
-        meters = _real_meter_provider(meter_provider)
+        meters = real_meter_provider(meter_provider)
         if tracers is None and meters is None:
             return None
-        tracer = None if tracers is None else tracers.get_tracer(SCOPE_NAME, _version())
-        instruments = None if meters is None else _instruments_for(meters)
+        tracer = None if tracers is None else tracers.get_tracer(SCOPE_NAME, scope_version())
+        instruments = None if meters is None else instruments_for(meters)
         base = {
             "gen_ai.operation.name": OPERATION,
             "gen_ai.provider.name": PROVIDER,
