@@ -35,7 +35,7 @@ LIBRARY_PRIVATES: Final = {
     ("modal_llm/_send.py", "_value"): "asyncio.Semaphore has no public count (client.pool)",
     ("modal_llm/_send.py", "_acquired"): "aiohttp's connector has no public count (client.pool)",
     ("modal_llm/_send.py", "_conns"): "aiohttp's connector has no public count (client.pool)",
-    ("modal_llm/_client.py", "_close"): "AsyncClient.__del__ closes the connector without "
+    ("modal_llm/_lifecycle.py", "_close"): "PooledClient.__del__ closes the connector without "
     "aiohttp's 'Unclosed connector' warning (issue 12.10)",
 }
 
