@@ -39,7 +39,7 @@ from ._watch import FirstByteWatch, SilenceWatch
 
 if TYPE_CHECKING:
     from ._config import ClientOptions
-    from ._watch import _Silence
+    from ._watch import SilenceEntry
 
 __all__ = ["ERROR_BODY_LIMIT", "ErrorMap", "Opened", "PoolStats", "Transport"]
 
@@ -168,7 +168,7 @@ class Opened:
         encoding = resp.headers.get("Content-Encoding")
         self.encoded = encoding is not None and encoding.strip().lower() != "identity"
         self.received = 0
-        self.silence: _Silence | None = None  # a stream's read timeout (SilenceWatch)
+        self.silence: SilenceEntry | None = None  # a stream's read timeout (SilenceWatch)
 
     async def chunk(self, deadline_at: float | None = None) -> bytes:
         """The next decoded chunk of the body, ``b""`` at its end; errors are ours."""

@@ -17,7 +17,7 @@ from typing import Final, Protocol
 
 import aiohttp
 
-__all__ = ["FirstByteWatch", "SilenceWatch"]
+__all__ = ["FirstByteWatch", "SilenceEntry", "SilenceWatch"]
 
 _GRAIN_FRACTION: Final = 1 / 16
 _MIN_GRAIN: Final = 0.005
@@ -88,14 +88,14 @@ class SilenceWatch:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._entries: set[_Silence] = set()
+        self._entries: set[SilenceEntry] = set()
         self._handle: asyncio.TimerHandle | None = None
         self._grain = math.inf
 
-    def watch(self, body: _Body, seconds: float) -> _Silence:
+    def watch(self, body: _Body, seconds: float) -> SilenceEntry:
         """Watch ``body`` (an ``Opened`` stream) for ``seconds`` of silence; ``cancel()`` the
         returned entry when the body is released."""
-        entry = _Silence(self, body, seconds, _arrived(body), self._loop.time())
+        entry = SilenceEntry(self, body, seconds, _arrived(body), self._loop.time())
         self._entries.add(entry)
         grain = max(seconds * _SILENCE_GRAIN_FRACTION, _MIN_GRAIN)
         if grain < self._grain:
@@ -149,8 +149,8 @@ def _arrived(body: _Body) -> tuple[int, int]:
     return content.total_bytes, getattr(content, "total_raw_bytes", 0)
 
 
-class _Silence:
-    """One watched body."""
+class SilenceEntry:
+    """One body watched by a ``SilenceWatch`` (``Opened.silence``): its read timeout."""
 
     __slots__ = ("arrived", "body", "seconds", "since", "watch")
 
