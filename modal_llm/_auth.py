@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import re
+from collections.abc import Mapping
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-__all__ = ["CREDENTIAL_HEADERS", "credential_headers", "origin", "same_origin"]
+__all__ = ["CREDENTIAL_HEADERS", "credential_headers", "origin", "same_origin", "secret_values"]
 
 CREDENTIAL_HEADERS: Final = frozenset(
     {"modal-key", "modal-secret", "authorization", "proxy-authorization", "cookie", "set-cookie"}
@@ -40,3 +43,52 @@ def same_origin(a: str, b: str) -> bool:
 def strip_credentials(headers: dict[str, str]) -> dict[str, str]:
     """A copy of ``headers`` without any credential header."""
     return {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
+
+
+_SECRET_NAME: Final = re.compile(
+    r"key|token|secret|auth|cookie|passw|session|signature|credential", re.IGNORECASE
+)
+"""A header name that looks like it carries a credential (``X-Api-Key``, ``X-Auth-Token``)."""
+MIN_MASKED: Final = 4
+"""Values shorter than this are not masked (unless sent in a credential header): masking
+``"1"`` or ``"on"`` everywhere would garble every message, and no credential is so short."""
+
+
+def secret_values(headers: Mapping[str, str], url: str) -> tuple[str, ...]:
+    """Every credential-like value a request sends, to mask wherever a server echoes it.
+
+    The values of the credential headers (``CREDENTIAL_HEADERS``) and of any header whose
+    name looks secret (api-key, token, secret, auth, cookie... patterns), also each part of
+    an ``Authorization``-style ``scheme value`` and each cookie's value; the URL's query
+    values (as sent and percent-decoded) and its userinfo (also as the Basic credentials
+    aiohttp derives from it). Longest first, so a value containing another is masked whole.
+    """
+    found: set[str] = set()
+
+    def add(value: str, *, always: bool = False) -> None:
+        value = value.strip()
+        if value and (always or len(value) >= MIN_MASKED):
+            found.add(value)
+
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in CREDENTIAL_HEADERS or _SECRET_NAME.search(lower):
+            add(value, always=lower in CREDENTIAL_HEADERS)
+            scheme, _, credential = value.strip().partition(" ")
+            if credential and scheme.isalpha():  # "Bearer <token>": the token alone too
+                add(credential)
+            if "cookie" in lower:  # "a=1; b=2": each cookie's value
+                for item in value.split(";"):
+                    add(item.partition("=")[2])
+    parts = urlsplit(url)
+    for pair in parts.query.split("&") if parts.query else ():
+        name, _, value = pair.partition("=")
+        if name != "__modal_function_call_id":
+            add(value)
+            add(unquote(value.replace("+", " ")))
+    if parts.username or parts.password:
+        user, password = unquote(parts.username or ""), unquote(parts.password or "")
+        add(user)
+        add(password)
+        add(base64.b64encode(f"{user}:{password}".encode()).decode("ascii"))
+    return tuple(sorted(found, key=len, reverse=True))

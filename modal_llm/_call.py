@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pydantic_core import PydanticSerializationError, to_json
 
-from ._auth import CREDENTIAL_HEADERS, credential_headers
+from ._auth import credential_headers, secret_values
 from ._config import TimeoutTypes, UseClientDefault, coerce_timeout, validate_headers
 from ._exceptions import (
     ConfigError,
@@ -102,14 +102,15 @@ class Call:
 class Reply:
     """A whole 2xx reply body."""
 
-    __slots__ = ("body", "status", "url")
+    __slots__ = ("body", "content_type", "status", "url")
 
     location = None
 
-    def __init__(self, status: int, body: bytes, url: str) -> None:
+    def __init__(self, status: int, body: bytes, url: str, content_type: str | None = None) -> None:
         self.status = status
         self.body = body
         self.url = url
+        self.content_type = content_type
 
 
 class Redirect:
@@ -166,8 +167,9 @@ class CallFactory:
         base.update(credential_headers(options.modal_key, options.modal_secret))
         self._headers = base
         self._stream_headers = {**base, "Accept": STREAM_ACCEPT}
-        # Our credential values, masked in every error in case a server echoes them back.
-        self.secrets = tuple(v for k, v in base.items() if k.lower() in CREDENTIAL_HEADERS and v)
+        # What we send that may be a credential, masked in every error and every exported
+        # text in case a server echoes it back (headers, the URL's query and userinfo).
+        self.secrets = secret_values(base, options.endpoint_url)
         self._attempt_hooks = options.event_hooks.get("attempt", ())
         self._failure_hooks = options.event_hooks.get("failure", ())
         self._key_prefix = os.urandom(12).hex()
@@ -200,10 +202,15 @@ class CallFactory:
         except PydanticSerializationError as exc:
             raise ConfigError(f"model arguments are not JSON-serializable: {exc}") from None
         base = self._stream_headers if streaming else self._headers
-        if headers:
-            base = {**base, **validate_headers(headers)}
         kind = "stream" if streaming else "unary"
-        return self.new(kind, body, base, timeout, on_attempt)
+        if not headers:
+            return self.new(kind, body, base, timeout, on_attempt)
+        extra_headers = validate_headers(headers)
+        call = self.new(kind, body, {**base, **extra_headers}, timeout, on_attempt)
+        more = secret_values(extra_headers, "")
+        if more:  # this call's own credential-like headers are masked too
+            call.secrets = tuple(sorted({*call.secrets, *more}, key=len, reverse=True))
+        return call
 
     def resume(self, timeout: TimeoutTypes | UseClientDefault) -> Call:
         """A call that only polls a result URL."""

@@ -351,7 +351,7 @@ class AsyncClient(PooledClient):
                 else:
                     result = await self._before_deadline(call, work)
             except ModalLLMError as exc:
-                mask_error(exc, self._secrets)
+                mask_error(exc, call.secrets)
                 raise
             if observer is not None and observer.capture_content:
                 observer.reply = result[0].prompt
@@ -406,7 +406,7 @@ class AsyncClient(PooledClient):
                 else:
                     result = await self._before_deadline(call, run())
             except ModalLLMError as exc:
-                mask_error(exc, self._secrets)
+                mask_error(exc, call.secrets)
                 raise
             if observer is not None and observer.capture_content:
                 observer.reply = _text_of(result)

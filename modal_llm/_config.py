@@ -327,6 +327,12 @@ def _credentials(key: object, secret: object) -> tuple[str | None, str | None]:
     """The key and secret from the arguments, else the environment; both or neither."""
     env_key = os.environ.get(ENV_KEY) or None
     env_secret = os.environ.get(ENV_SECRET) or None
+    # An empty value counts as missing, as an empty variable does: an empty Modal-Secret
+    # header is never what was meant, and the error below names what is missing and where.
+    if key == "":
+        key = None
+    if secret == "":
+        secret = None
     found_key = key if key is not None else env_key
     found_secret = secret if secret is not None else env_secret
     if (found_key is None) == (found_secret is None):

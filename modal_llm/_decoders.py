@@ -13,7 +13,7 @@ depend on how the network split the body.
 from __future__ import annotations
 
 import codecs
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from ._exceptions import ContractError, ModalLLMError, ReplyTooLargeError
 from ._linedecoders import DEFAULT_MAX_BUFFER, NDJSON_TYPES, NDJSONDecoder, SSEDecoder
@@ -29,6 +29,9 @@ __all__ = [
     "StreamDecoder",
     "TextDecoder",
     "decoder_for",
+    "html_page_error",
+    "looks_like_html",
+    "refusal_message",
     "refused_media_type",
 ]
 
@@ -60,33 +63,60 @@ class StreamDecoder(Protocol):
 
 
 class TextDecoder:
-    """Raw text (``text/plain``, other ``text/*``, and unknown types): each chunk's text.
+    """Raw text (``text/*`` other than HTML, or no type): each chunk's text.
 
     Decodes incrementally with the reply's charset (UTF-8 when absent or unknown), so a
     multibyte character split across chunks comes out whole. A leading UTF-8 BOM is dropped.
+    A body that starts as an HTML document (``<!doctype html``, ``<html``) raises
+    ``ContractError``: the content-type rule's check on the body (``looks_like_html``).
     """
 
-    __slots__ = ("_decoder", "charset", "requires_terminator", "terminated")
+    __slots__ = (
+        "_content_type",
+        "_decoder",
+        "_head",
+        "charset",
+        "requires_terminator",
+        "terminated",
+    )
 
     @property
     def error(self) -> ModalLLMError | None:
         return None  # whole-chunk formats raise at once; nothing is ever deferred
 
-    def __init__(self, charset: str | None = None) -> None:
+    def __init__(self, charset: str | None = None, content_type: str | None = None) -> None:
         self.requires_terminator = False
         self.terminated = False
         self.charset = _text_codec(charset)
         self._decoder = codecs.getincrementaldecoder(self.charset)("replace")
+        self._content_type = content_type
+        self._head: bytes | None = b""  # the body's start until it is known not to be HTML
 
     def feed(self, data: bytes) -> list[str]:
         """Return the text this chunk completes (a split character waits for the next)."""
+        if self._head is not None:
+            data = self._sniff(self._head + data, final=False)
         text = self._decode(data, final=False)
         return [text] if text else []
 
     def finish(self) -> list[str]:
         """At EOF: flush the decoder (an incomplete character becomes U+FFFD)."""
-        text = self._decode(b"", final=True)
+        data = b""
+        if self._head is not None:
+            data = self._sniff(self._head, final=True)
+        text = self._decode(data, final=True)
         return [text] if text else []
+
+    def _sniff(self, head: bytes, *, final: bool) -> bytes:
+        """Hold the body's first bytes until ``looks_like_html`` can tell; raise if HTML."""
+        html = looks_like_html(head)
+        if html is None and not final:
+            self._head = head
+            return b""
+        self._head = None
+        if html:
+            raise html_page_error(self._content_type, head)
+        return head
 
     def _decode(self, data: bytes, *, final: bool) -> str:
         try:
@@ -165,20 +195,80 @@ def _parse_content_type(content_type: str | None) -> tuple[str, str | None]:
     return media.strip().lower(), charset
 
 
-_REFUSED_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+HTML_TYPES: Final = frozenset({"text/html", "application/xhtml+xml"})
+_JSON_TYPES: Final = frozenset({"application/json", "text/json"})
+_decisions: dict[str, str | None] = {}  # Content-Type header -> refused media type or None
 
 
 def refused_media_type(content_type: str | None) -> str | None:
     """The media type of a 2xx reply that cannot be an answer, or ``None`` if it may be.
 
-    The one content-type rule of both ``generate()`` and ``stream()``: an HTML page (a
-    login wall, a proxy's error page, a web app at the wrong URL) is never the generated
-    text, so it is refused with ``ContractError`` instead of being parsed or yielded.
+    The one content-type rule of both ``generate()`` and ``stream()`` (and 303 polls),
+    applied by the send path before either reads the body. Accepted: the contract's formats
+    (``application/json`` and ``+json``, ``text/event-stream``, the NDJSON types, ``text/*``)
+    and a missing type. Refused: an HTML page (``text/html``, XHTML: a login wall, a proxy's
+    error page, a web app at the wrong URL) and every other type (``application/xml``,
+    ``application/octet-stream``, images...), which no contract endpoint sends. An HTML
+    document sent as ``text/*`` or without a type is caught by ``looks_like_html`` on the
+    body. Decisions are cached per header value (a service sees a handful).
     """
-    if not content_type or "htm" not in content_type.lower():
+    if content_type is None:
         return None
-    media = content_type.partition(";")[0].strip().lower()
-    return media if media in _REFUSED_TYPES else None
+    try:
+        return _decisions[content_type]
+    except KeyError:
+        pass
+    media, _ = _parse_content_type(content_type)
+    refused: str | None = media
+    if media in HTML_TYPES:
+        refused = media
+    elif (
+        not media
+        or media in _JSON_TYPES
+        or media.endswith("+json")
+        or media in NDJSON_TYPES
+        or (media.startswith("text/") and len(media) > 5)
+    ):
+        refused = None
+    if len(_decisions) < 256:
+        _decisions[content_type] = refused
+    return refused
+
+
+def refusal_message(media: str, *, html: bool = False) -> str:
+    """What ``ContractError`` says of a reply refused by the content-type rule."""
+    if html or media in HTML_TYPES:
+        return (
+            f"the endpoint answered with an HTML page ({media}), not an answer of the "
+            "contract; is the URL the endpoint's?"
+        )
+    return (
+        f"the endpoint answered with {media}, none of the contract's formats (JSON, SSE, "
+        "NDJSON, text); is the URL the endpoint's?"
+    )
+
+
+_HTML_STARTS: Final = (b"<!doctype html", b"<html")
+_SNIFF_BYTES: Final = len(_HTML_STARTS[0])
+
+
+def looks_like_html(start: bytes) -> bool | None:
+    """Whether a body that begins with ``start`` is an HTML document (``<!doctype html``
+    or ``<html``, after a BOM and whitespace, any case); ``None`` while ``start`` is too
+    short to tell."""
+    head = start.removeprefix(b"\xef\xbb\xbf").lstrip()[:_SNIFF_BYTES].lower()
+    if any(head.startswith(mark) for mark in _HTML_STARTS):
+        return True
+    if any(mark.startswith(head) for mark in _HTML_STARTS):
+        return None  # a prefix of a mark (or empty): more bytes decide
+    return False
+
+
+def html_page_error(content_type: str | None, body: bytes) -> ContractError:
+    """The ``ContractError`` for an HTML document sent as text or without a type."""
+    media = _parse_content_type(content_type)[0]
+    sent = f"sent as {media}" if media else "sent without a Content-Type"
+    return ContractError(refusal_message(sent, html=True), body=body)
 
 
 def decoder_for(
@@ -190,9 +280,9 @@ def decoder_for(
     """Pick the decoder for a reply's ``Content-Type`` (case and parameters ignored).
 
     ``text/event-stream`` -> SSE (always UTF-8), NDJSON types -> NDJSON, ``application/json``
-    and ``+json`` -> one JSON reply, ``text/*`` -> text. A missing or unknown type is read as
-    text, honouring its charset: whatever the server sent reaches the caller, never dropped.
-    (HTML never gets here: see ``refused_media_type``.)
+    and ``+json`` -> one JSON reply, ``text/*`` and a missing type -> text, honouring its
+    charset. (Other types never get here: see ``refused_media_type``; an unknown type
+    given anyway is read as text.)
     ``require_done`` says whether an SSE stream must end with ``data: [DONE]``.
     """
     media, charset = _parse_content_type(content_type)
@@ -200,6 +290,6 @@ def decoder_for(
         return SSEDecoder(require_done=require_done, max_buffer=max_buffer)
     if media in NDJSON_TYPES:
         return NDJSONDecoder(max_buffer=max_buffer)
-    if media in ("application/json", "text/json") or media.endswith("+json"):
+    if media in _JSON_TYPES or media.endswith("+json"):
         return JSONDecoder(max_buffer=max_buffer)
-    return TextDecoder(charset)
+    return TextDecoder(charset, content_type)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from urllib.parse import SplitResult, urlsplit
 
-from ._exceptions import ConfigError, redact_url
+from ._exceptions import ConfigError
 
 __all__ = ["validate_endpoint_url"]
 
@@ -14,17 +14,24 @@ _UNSAFE_IN_URL = re.compile(r"[\x00-\x20\x7f]")
 
 
 def _shown_url(url: str) -> str:
-    """``url`` for a message: redacted, or for a URL too broken to parse, its scheme and host
-    part with any userinfo masked (never the query)."""
-    shown = redact_url(url)
-    if shown != "<invalid url>":
-        return shown
+    """``url`` for a message, as typed (never re-parsed or normalized: the message quotes
+    what the user wrote), with userinfo and query values masked as ``redact_url`` does."""
     head, sep, rest = url.partition("://")
-    authority, _, path = rest.partition("/") if sep else (head, "", "")
+    if not sep:
+        head, rest = "", url
+    cut = re.search(r"[/?#]", rest)
+    authority, tail = (rest[: cut.start()], rest[cut.start() :]) if cut else (rest, "")
     if "@" in authority:
         authority = "***@" + authority.rpartition("@")[2]
-    path = re.split(r"[?#]", path, maxsplit=1)[0]
-    return f"{head}{sep}{authority}" + (f"/{path}" if sep and "/" in rest else "")
+    tail, hash_, fragment = tail.partition("#")
+    path, question, query = tail.partition("?")
+    if query:
+        kept = []
+        for pair in query.split("&"):
+            name, eq, _ = pair.partition("=")
+            kept.append(pair if name == "__modal_function_call_id" else f"{name}{eq}***")
+        query = "&".join(kept)
+    return f"{head}{sep}{authority}{path}{question}{query}{hash_}{fragment and '***'}"
 
 
 def validate_endpoint_url(url: str, *, source: str = "") -> SplitResult:

@@ -355,7 +355,10 @@ class StatusError(ModalLLMError):
         super().__init__(f"{status_code} {reason}".strip(), url=url, attempts=attempts)
 
     def _detail(self) -> str:
-        return self.body_excerpt
+        # One rule for every status: the server's Retry-After hint is shown when it sent one
+        # (also when it was over ``max_retry_after`` and so not waited for).
+        hint = "" if self.retry_after is None else f"(retry after {self.retry_after:g}s) "
+        return hint + self.body_excerpt
 
 
 class AuthenticationError(StatusError):
@@ -364,10 +367,6 @@ class AuthenticationError(StatusError):
 
 class RateLimitError(StatusError):
     """429: the endpoint is saturated. ``retry_after`` is the server's hint in seconds."""
-
-    def _detail(self) -> str:
-        hint = "" if self.retry_after is None else f"(retry after {self.retry_after:g}s) "
-        return hint + self.body_excerpt
 
 
 class ServerError(StatusError):
@@ -416,7 +415,25 @@ class StreamError(ModalLLMError):
 
 
 class StreamInterruptedError(StreamError):
-    """The stream dropped, or ended without the terminator its format promised."""
+    """The stream dropped, stalled, or ended without the terminator its format promised.
+
+    ``ended_by`` says what ended it: ``"connection"`` (closed or reset mid-body),
+    ``"timeout"`` (silent longer than ``Timeout.read``, or the deadline passed), ``"eof"``
+    (the body ended cleanly but unfinished: no ``[DONE]``, or in the middle of a line),
+    ``"client"`` (the client was closed).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        partial_text: str = "",
+        ended_by: str = "eof",
+        url: object = None,
+        attempts: int | None = None,
+    ) -> None:
+        super().__init__(message, partial_text=partial_text, url=url, attempts=attempts)
+        self.ended_by = ended_by
 
 
 class ServerStreamError(StreamError):

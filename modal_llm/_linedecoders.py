@@ -39,6 +39,7 @@ NDJSON_TYPES: Final = frozenset(
 # RFC 7464 record separator that starts each application/json-seq record.
 _NDJSON_STRIP = b" \t\r\x1e"
 _UTF8_BOM = b"\xef\xbb\xbf"
+_NOT_JSON: Final = "stream line is not valid JSON"
 
 
 _raw_decode = json.JSONDecoder().raw_decode
@@ -222,7 +223,9 @@ class SSEDecoder(_LineDecoder):
         if self.requires_terminator:
             return []  # the caller reports the missing [DONE]
         if last:
-            self._error = StreamInterruptedError("stream ended in the middle of a line")
+            self._error = StreamInterruptedError(
+                "stream ended in the middle of a line", ended_by="eof"
+            )
             raise self._error
         return self._lines([""])  # the blank line that never came
 
@@ -336,12 +339,21 @@ class NDJSONDecoder(_LineDecoder):
         return pieces
 
     def finish(self) -> list[str]:
-        """At EOF: parse a last line that has no newline."""
+        """At EOF: parse a last line that has no newline. One that is not JSON is a half
+        line (the body was cut inside it): ``StreamInterruptedError``, as SSE's."""
         self._raise_pending()
         line = b"".join(self._partial)
         self._partial.clear()
         self._partial_len = 0
-        return self._lines([line])
+        try:
+            return self._lines([line])
+        except ContractError as exc:
+            if not str(exc.message).startswith(_NOT_JSON):
+                raise
+            self._error = StreamInterruptedError(
+                "stream ended in the middle of a line", ended_by="eof"
+            )
+            raise self._error from None
 
     def _lines(self, lines: list[bytes]) -> list[str]:
         pieces: list[str] = []
@@ -368,7 +380,7 @@ class NDJSONDecoder(_LineDecoder):
         try:
             value = _loads(text)
         except (ValueError, RecursionError):
-            raise ContractError("stream line is not valid JSON", body=line) from None
+            raise ContractError(_NOT_JSON, body=line) from None
         piece = _piece_from_value(value, line)
         if piece is None:
             raise ContractError("stream line is not a JSON object or string", body=line)

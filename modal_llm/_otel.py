@@ -39,7 +39,7 @@ from opentelemetry.context import Context
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 
-from ._exceptions import ModalLLMError
+from ._exceptions import ModalLLMError, mask_text
 from ._otelmetrics import (
     SCOPE_NAME,
     Instruments,
@@ -100,6 +100,8 @@ class CallLike(Protocol):
     def hops(self) -> int: ...
     @property
     def first_piece_at(self) -> float | None: ...
+    @property
+    def secrets(self) -> tuple[str, ...]: ...
 
 
 def _real_tracer_provider(given: TracerProvider | None) -> TracerProvider | None:
@@ -243,7 +245,9 @@ class Instrumentation:
                 attributes["gen_ai.request.stop_sequences"] = stops
             attributes["modal_llm.stream"] = stream
             if self.capture_content and prompt is not None:
-                attributes["gen_ai.input.messages"] = _messages("user", prompt)
+                # Masked as errors are: a prompt may quote a credential we send.
+                masked = mask_text(prompt, call.secrets)
+                attributes["gen_ai.input.messages"] = _messages("user", masked)
             span = self._tracer.start_span(
                 f"{OPERATION} {model or DEFAULT_MODEL}", kind=SpanKind.CLIENT, attributes=attributes
             )
@@ -395,6 +399,8 @@ class CallScope:
                 attributes["error.type"] = error_type(error)
                 span.set_status(Status(StatusCode.ERROR, _describe(error)))
             elif self.reply is not None and inst.capture_content:
-                attributes["gen_ai.output.messages"] = _messages("assistant", self.reply, True)
+                # Masked as errors are: a server may echo a credential we sent.
+                reply = mask_text(self.reply, call.secrets)
+                attributes["gen_ai.output.messages"] = _messages("assistant", reply, True)
             span.set_attributes(attributes)
         span.end()

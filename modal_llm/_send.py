@@ -17,10 +17,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
+from aiohttp.http_exceptions import ContentEncodingError
 
 from ._call import ATTEMPT_HEADER, Call, Redirect, Reply
 from ._config import DNS_CACHE_TTL, KEEPALIVE_TIMEOUT
-from ._decoders import refused_media_type
+from ._decoders import refusal_message, refused_media_type
 from ._exceptions import (
     ClientClosedError,
     ConfigError,
@@ -52,16 +53,21 @@ ERROR_BODY_LIMIT: Final = 64 * 1024
 class ErrorMap:
     """Translate aiohttp and socket errors raised inside ``with`` into ours.
 
-    ``got_headers`` tells a first-byte timeout from a read timeout, and a drop before
-    any response (safe to retry) from a reply cut short.
+    ``resp`` (set once the headers are in) tells a first-byte timeout from a read timeout,
+    a drop before any response (safe to retry) from a reply cut short, and gives the byte
+    count and ``Content-Encoding`` of a body that failed.
     """
 
-    __slots__ = ("got_headers", "transport", "url")
+    __slots__ = ("resp", "transport", "url")
 
     def __init__(self, transport: Transport, url: str) -> None:
         self.transport = transport
         self.url = url
-        self.got_headers = False
+        self.resp: aiohttp.ClientResponse | None = None
+
+    @property
+    def got_headers(self) -> bool:
+        return self.resp is not None
 
     def __enter__(self) -> ErrorMap:
         return self
@@ -99,11 +105,7 @@ class ErrorMap:
                 return RedirectError("redirect to an invalid URL", url=self.transport.endpoint_url)
             return ConfigError(f"invalid URL: {exc}", url=url)
         if isinstance(exc, aiohttp.ClientPayloadError):
-            return ConnectError(
-                f"the connection closed mid-body: {_first_line(exc)}",
-                before_response=False,
-                url=url,
-            )
+            return self._payload_error(exc)
         if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
             where = "after the reply started" if self.got_headers else "before any reply"
             return ConnectError(
@@ -120,6 +122,36 @@ class ErrorMap:
         if isinstance(exc, RuntimeError):
             raise exc
         return TransportError(f"{type(exc).__name__}: {_first_line(exc)}", url=url)
+
+    def _payload_error(self, exc: aiohttp.ClientPayloadError) -> ModalLLMError:
+        """A body that could not be read to its end: undecodable, or cut short.
+
+        aiohttp words both as ``<...Error: 400, message=...>``, a status nobody sent; say
+        what happened instead, with the status that did arrive and the bytes read.
+        """
+        resp, url = self.resp, self.url
+        if isinstance(exc.__cause__, ContentEncodingError) or "content-encoding" in str(exc):
+            encoding = resp.headers.get("Content-Encoding", "?") if resp is not None else "?"
+            return ContractError(
+                f"the reply body cannot be decoded as {encoding.strip()!r} (its "
+                "Content-Encoding): the server sent something else",
+                status_code=None if resp is None else resp.status,
+                url=url,
+            )
+        received = "" if resp is None else f" after {_bytes_read(resp)}"
+        return ConnectError(
+            f"the connection closed mid-body{received}", before_response=False, url=url
+        )
+
+
+def _bytes_read(resp: aiohttp.ClientResponse) -> str:
+    """``"15 of 100 bytes"`` (or ``"15 bytes"`` without a usable Content-Length)."""
+    received = getattr(resp.content, "total_bytes", 0)
+    length = resp.content_length
+    encoded = resp.headers.get("Content-Encoding")
+    if length is not None and not encoded:
+        return f"{received} of {length} bytes"
+    return f"{received} bytes"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -332,7 +364,8 @@ class Transport:
             n = self.max_concurrency
             raise PoolTimeoutError(
                 f"all {n} concurrency slots stayed held for {call.pool:g} s (Timeout.pool); "
-                "close streams you leave early ('async with client.stream(...)')",
+                "close streams you leave early ('async with client.stream(...)' on "
+                "AsyncClient, .close() on Client.stream()'s generator)",
                 slots=n,
                 timeout=call.pool,
                 url=url,
@@ -391,7 +424,7 @@ class Transport:
             finally:
                 if first_byte is not None:
                     watch.stop(bucket, task)
-            errors.got_headers = True
+            errors.resp = resp
             if call.read_timeout is not None:  # error bodies can stall too
                 _set_read_timeout(resp, call.read_timeout)
             status = resp.status
@@ -408,8 +441,7 @@ class Transport:
             if refused is not None:
                 body = await _excerpt_of(resp, errors)
                 raise ContractError(
-                    f"the endpoint answered with an HTML page ({refused}), not the contract's "
-                    "JSON; is the URL the endpoint's?",
+                    refusal_message(refused),
                     status_code=status,
                     body=body,
                     url=url,
@@ -453,7 +485,7 @@ class Transport:
             opened.release()
             raise
         opened.release(reuse=True)
-        return Reply(opened.status, body, url)
+        return Reply(opened.status, body, url, opened.content_type)
 
     async def _status_error(self, resp: aiohttp.ClientResponse, errors: ErrorMap) -> ModalLLMError:
         """Read (a bounded part of) an error body and build the matching ``StatusError``."""
@@ -472,27 +504,26 @@ class Transport:
 
 async def _excerpt_of(resp: aiohttp.ClientResponse, errors: ErrorMap) -> bytes:
     """Up to ``ERROR_BODY_LIMIT`` bytes of a body: read until the limit or its end, however
-    many chunks that takes (bounded by the read timeout). Leaves the connection released
-    when the body was read whole, else closed."""
-    length = resp.content_length
-    with errors:
-        if (
-            length is not None
-            and length <= ERROR_BODY_LIMIT
-            and not resp.headers.get("Content-Encoding")
-        ):
-            body = await resp.read()  # fully read, so the connection goes back to the pool
-            resp.release()
-            return body
-        chunks: list[bytes] = []
-        size = 0
-        while size < ERROR_BODY_LIMIT:
-            chunk = await resp.content.readany()
-            if not chunk:
-                resp.release()
-                return b"".join(chunks)
-            chunks.append(chunk)
-            size += len(chunk)
+    many chunks that takes, each wait bounded by the read timeout. Leaves the connection
+    released when the body was read whole, else closed.
+
+    A body that stalls past the read timeout, is cut, or cannot be decoded ends the excerpt
+    with what arrived: the status the server sent is the outcome, not the failed read.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    content = resp.content
+    try:
+        with errors:
+            while size < ERROR_BODY_LIMIT:
+                chunk = await content.readany()
+                if not chunk:
+                    resp.release()  # read whole: the connection goes back to the pool
+                    return b"".join(chunks)
+                chunks.append(chunk)
+                size += len(chunk)
+    except (TransportError, ContractError):
+        pass
     resp.close()
     return b"".join(chunks)[:ERROR_BODY_LIMIT]
 

@@ -16,6 +16,7 @@ from ._decoders import StreamDecoder, decoder_for
 from ._exceptions import (
     ClientClosedError,
     ConnectError,
+    EndpointTimeoutError,
     ModalLLMError,
     StreamError,
     StreamInterruptedError,
@@ -37,13 +38,27 @@ log = logging.getLogger("modal_llm")
 
 
 class StreamState:
-    """Whether a stream holds a response (and a concurrency slot). Shared by ``TextStream``
-    and its generator without a reference cycle, so a dropped stream is freed at once."""
+    """The response a stream holds (and its concurrency slot), if any. Shared by
+    ``TextStream`` and its generator without a reference cycle, so a dropped stream is freed
+    at once, and ``TextStream.__del__`` can release it synchronously whatever keeps the
+    generator alive."""
 
-    __slots__ = ("open",)
+    __slots__ = ("opened",)
 
     def __init__(self) -> None:
-        self.open = False
+        self.opened: Opened | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.opened is not None
+
+    def release(self) -> bool:
+        """Close the response and free the slot now; True if the stream was still open."""
+        opened, self.opened = self.opened, None
+        if opened is None:
+            return False
+        opened.release()
+        return True
 
 
 class TextStream:
@@ -103,14 +118,17 @@ class TextStream:
         return f"<TextStream {redact_url(self._url)} {state}>"
 
     def __del__(self, _warnings: Any = warnings) -> None:
-        if self._state.open:
+        # Release first, synchronously: the generator's own cleanup runs only once it is
+        # collected too, which a recorded warning (or anything else holding it) can delay
+        # forever. No ``source=self`` either: a recorded warning would keep this alive.
+        if self._state.release():
             message = (
                 f"a stream from {redact_url(self._url)} was garbage-collected while still "
                 "open; use 'async with client.stream(...) as pieces:' or "
                 "'await pieces.aclose()' to free its connection and slot"
             )
             log.warning(message)
-            _warnings.warn(message, ResourceWarning, source=self, stacklevel=1)
+            _warnings.warn(message, ResourceWarning, stacklevel=1)
 
 
 class _Delivered:
@@ -148,15 +166,37 @@ _JOIN_EVERY: Final = 16
 
 
 class Opening:
-    """A stream opened up to its first piece(s)."""
+    """A stream opened up to its first piece(s); ``attempts`` its POST took."""
 
-    __slots__ = ("decoder", "opened", "pieces", "status")
+    __slots__ = ("attempts", "decoder", "opened", "pieces", "status")
 
     def __init__(self, opened: Opened, decoder: StreamDecoder, pieces: list[str]) -> None:
         self.opened = opened
         self.decoder = decoder
         self.pieces = pieces
         self.status = opened.status
+        self.attempts = 1
+
+
+def interrupted(exc: ModalLLMError, sent: _Delivered, response: Opened) -> StreamInterruptedError:
+    """The error for a stream that failed mid-body after ``sent``: what ended it
+    (``ended_by``) and how much had arrived, in one line."""
+    if isinstance(exc, EndpointTimeoutError):
+        ended_by = "timeout"
+    elif isinstance(exc, ClientClosedError):
+        ended_by = "client"
+    else:
+        ended_by = "connection"
+    n = sent.pieces
+    detail = exc.message
+    if ended_by != "connection":  # a drop's message already counts the bytes
+        detail = f"{detail} after {response.received} bytes"
+    return StreamInterruptedError(
+        f"stream interrupted after {n} piece{'' if n == 1 else 's'}: {detail}",
+        partial_text=sent.text(),
+        ended_by=ended_by,
+        url=response.url,
+    )
 
 
 async def _open_once(
@@ -180,7 +220,7 @@ async def _open_once(
                 pieces = decoder.finish()
                 if decoder.requires_terminator and not decoder.terminated:
                     raise StreamInterruptedError(
-                        "stream ended without its [DONE] terminator", url=url
+                        "stream ended without its [DONE] terminator", ended_by="eof", url=url
                     )
                 decoder.terminated = True
                 return Opening(opened, decoder, pieces)
@@ -210,13 +250,16 @@ async def _open(
     url, method = endpoint_url, "POST"
     data: bytes | None = call.body
     clock = asyncio.get_running_loop().time
+    posts = 0
     while True:
 
         def attempt(n: int, method: str = method, url: str = url, data: Any = data) -> Any:
             return _open_once(transport, method, url, data, call, require_done, n)
 
-        outcome, _ = await send_with_retries(attempt, call, retry, clock)
+        outcome, attempts = await send_with_retries(attempt, call, retry, clock)
+        posts = posts or attempts  # as generate() counts: the POST's attempts
         if not isinstance(outcome, Redirect):
+            outcome.attempts = posts
             return outcome  # type: ignore[no-any-return]
         url = next_hop(outcome, call, endpoint_url, max_redirects)
         method, data = "GET", None
@@ -237,14 +280,17 @@ async def stream_pieces(
     """The stream consumer: every piece of one streamed reply, stop sequences applied.
 
     Runs inside ``scope(call)`` (the client's one start/end of a logical call). Errors
-    leave here masked; once a piece has reached the caller nothing is retried and a
-    failure carries ``partial_text``. The byte cap runs over the whole body (the opening
-    included), since the one ``Opened`` counts it.
+    leave here, and only here: masked, with ``.url`` and ``.attempts`` filled in when the
+    layer that raised them could not know them (a decoder, a drop mid-stream). Once a
+    piece has reached the caller nothing is retried and a failure carries
+    ``partial_text``. The byte cap runs over the whole body (the opening included), since
+    the one ``Opened`` counts it.
     """
     with scope(call) as observer:
         sent = _Delivered()
         opened: Opened | None = None
         finished = False
+        attempts: int | None = None
         try:
             transport = transport_for_loop()
             opening = _open(transport, call, endpoint_url, max_redirects, retry, require_done)
@@ -264,8 +310,9 @@ async def stream_pieces(
                     observer.detach()
             opened = response = first.opened
             decoder, pieces = first.decoder, first.pieces
+            attempts = first.attempts
             del opening, first  # held for the stream's life otherwise: memory per open stream
-            state.open = True
+            state.opened = response
             call.first_piece_at = asyncio.get_running_loop().time()  # (or its clean end)
             deadline_at = call.deadline_at
             matcher = StopMatcher(stops)
@@ -286,12 +333,7 @@ async def stream_pieces(
                 try:
                     chunk = await response.chunk(deadline_at)
                 except (TransportError, ClientClosedError) as exc:
-                    raise StreamInterruptedError(
-                        f"stream interrupted after {sent.pieces} pieces and {response.received} "
-                        f"bytes: {exc.message}",
-                        partial_text=sent.text(),
-                        url=response.url,
-                    ) from exc
+                    raise interrupted(exc, sent, response) from exc
                 if not chunk:
                     try:
                         pieces = decoder.finish()
@@ -307,6 +349,7 @@ async def stream_pieces(
                         raise StreamInterruptedError(
                             "stream ended without its [DONE] terminator",
                             partial_text=sent.text(),
+                            ended_by="eof",
                             url=response.url,
                         )
                     decoder.terminated = True
@@ -324,10 +367,14 @@ async def stream_pieces(
                 yield tail
             finished = True
         except ModalLLMError as exc:
+            if exc.url is None:
+                exc.url = redact_url(endpoint_url if opened is None else opened.url)
+            if exc.attempts is None:
+                exc.attempts = attempts
             mask_error(exc, call.secrets)
             raise
         finally:
-            state.open = False
+            state.opened = None
             if opened is not None:
                 opened.release(reuse=finished)
             if observer is not None and observer.capture_content:

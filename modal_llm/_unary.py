@@ -8,7 +8,8 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from ._call import Call, Redirect, Reply
-from ._exceptions import ModalLLMError
+from ._decoders import html_page_error, looks_like_html
+from ._exceptions import ContractError, ModalLLMError
 from ._redirects import next_hop
 from ._retry import retry_failed, send_with_retries
 
@@ -66,4 +67,15 @@ def parse(reply: Reply) -> Completion:
     # machinery; after the first reply this is a dictionary lookup.
     from ._models import parse_reply
 
-    return parse_reply(reply.body, status_code=reply.status, url=reply.url)
+    try:
+        return parse_reply(reply.body, status_code=reply.status, url=reply.url)
+    except ContractError:
+        # The content-type rule's check on the body, as the stream's text path makes it.
+        if looks_like_html(reply.body[:64]):
+            raise ContractError(
+                html_page_error(reply.content_type, reply.body).message,
+                status_code=reply.status,
+                body=reply.body,
+                url=reply.url,
+            ) from None
+        raise

@@ -347,7 +347,7 @@ async def test_a_unary_reply_cut_short_is_no_http_400(tmp_path: Path) -> None:
         ran = await modal_llm("generate", "--max-retries", "0", "--endpoint", url, "hi")
         batch = await modal_llm("batch", str(source), "-o", str(output), "--endpoint", url)
     assert ran.code == EXIT_FAILED
-    line = ran.one_line_error("the reply was cut short", "closed mid-body", "received 15 of 100")
+    line = ran.one_line_error("the reply was cut short", "closed mid-body", "after 15 of 100 bytes")
     assert "400" not in line and "ContentLengthError" not in line
     assert batch.code == EXIT_FAILED
     [record] = records(output)

@@ -664,3 +664,24 @@ async def test_a_failing_span_processor_does_not_fail_the_call(
         assert [p async for p in client.stream("hello there")]
     assert "failed to start a call's span" in caplog.text
     provider.shutdown()
+
+
+async def test_captured_content_is_masked_like_errors(
+    otel: Otel, make_endpoint: MakeEndpoint
+) -> None:
+    async def echo(request: web.Request) -> web.Response:
+        sent = f"{request.headers['Modal-Secret']} {request.headers['X-Api-Key']}"
+        return web.json_response({"prompt": f"you sent {sent} and {request.query['token']}"})
+
+    url = await make_endpoint(echo) + f"?token={QUERY_VALUE}"
+    options: dict[str, Any] = {"headers": {"X-Api-Key": "api-key-value-1"}, **otel.providers}
+    async with AsyncClient(
+        url, modal_key=KEY, modal_secret=SECRET, capture_content=True, **options
+    ) as client:
+        text = await client.generate(f"repeat {SECRET}")
+    assert SECRET in text  # the caller gets the reply as sent; only the export is masked
+    exported = json.dumps(attrs(otel.span()))
+    for value in (SECRET, "api-key-value-1", QUERY_VALUE):
+        assert value not in exported
+    (answer,) = json.loads(attrs(otel.span())["gen_ai.output.messages"])
+    assert answer["parts"][0]["content"] == "you sent *** *** and ***"

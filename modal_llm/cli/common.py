@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import re
 import sys
 from typing import Any, Final
 
@@ -104,14 +103,10 @@ def one_line(value: object) -> str:
     return " ".join(str(value).split())
 
 
-# aiohttp words a body cut short as "<TransferEncodingError: 400, message='Not enough
-# data ...'>", which reads like an HTTP 400 that the server never sent: keep the message.
-_AIOHTTP_PAYLOAD_ERROR: Final = re.compile(r"<\w+Error: \d+, message='([^']*)'>")
-
-
 def error_text(exc: BaseException) -> str:
-    """The message of ``exc`` on one line, without aiohttp's misleading payload-error repr."""
-    return _AIOHTTP_PAYLOAD_ERROR.sub(r"\1", one_line(exc))
+    """The message of ``exc`` on one line (the library words a body cut short itself:
+    "the connection closed mid-body after N bytes", with no aiohttp status in it)."""
+    return one_line(exc)
 
 
 def error_exit(exc: ModalLLMError) -> CliExit:

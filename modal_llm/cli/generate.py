@@ -82,6 +82,6 @@ def _end_line(line_open: bool) -> None:
 def _cut_short(exc: StreamInterruptedError, pieces: int, chars: int) -> str:
     got = f"after {pieces} pieces ({chars} characters, printed above)"
     text = error_text(exc)
-    if "closed mid-body" in text or "payload is not completed" in text:
+    if exc.ended_by == "connection":
         return f"the connection closed mid-reply {got}; the answer is incomplete"
     return f"the stream ended early {got}: {text}"
