@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -35,15 +34,20 @@ import pyarrow as pa
 from . import (
     AsyncClient,
     BatchItem,
-    BatchResult,
     ConfigError,
-    ContractError,
     ModalLLMError,
-    StatusError,
 )
 from ._auth import CREDENTIAL_HEADERS
 from ._config import ENV_ENDPOINT_URL
 from ._exceptions import redact_url
+from ._raycolumns import (
+    RESULT_COLUMNS,
+    RESULT_SCHEMA,
+    Columns,
+    as_table,
+    check_model_kwargs,
+    row_extra,
+)
 from ._types import StopTypes
 
 if TYPE_CHECKING:
@@ -62,27 +66,6 @@ __all__ = [
 
 log = logging.getLogger("modal_llm.ray")
 
-RESULT_SCHEMA: Final = pa.schema(
-    [
-        pa.field("text", pa.string()),
-        pa.field("error", pa.string()),
-        pa.field("error_type", pa.string()),
-        pa.field("status", pa.int32()),
-        pa.field("attempts", pa.int32()),
-        pa.field("latency_s", pa.float64()),
-    ]
-)
-"""The columns every output block gets, after the input's, with exactly these Arrow types.
-
-``text``: the generated text, null on failure. ``error``: the error's one-line message,
-null on success. ``error_type``: the ``ModalLLMError`` subclass name, null on success.
-``status``: the HTTP status of the reply that decided the row (200 on success, the
-error's status for a ``StatusError`` or ``ContractError``), null when no reply arrived.
-``attempts``: HTTP attempts of the row's POST, retries included (0 when nothing was sent).
-``latency_s``: seconds from the first attempt to the outcome, backoff included.
-"""
-RESULT_COLUMNS: Final = tuple(RESULT_SCHEMA.names)
-
 DEFAULT_ACTORS: Final = 2
 """Actors (each one process with one pooled client) when ``actors`` is not given."""
 DEFAULT_CALLS_PER_ACTOR: Final = 16
@@ -93,8 +76,6 @@ DEFAULT_BATCH_SIZE: Final = 64
 DEFAULT_NUM_CPUS: Final = 0.5
 """CPUs Ray reserves per actor. The work is waiting on HTTP, so less than a core each;
 a whole core per actor would starve Ray's own read and write tasks on a small machine."""
-SUCCESS_STATUS: Final = 200
-"""The status the contract's success reply carries (``status`` of a successful row)."""
 CLOSE_TIMEOUT: Final = 10.0
 """Seconds an actor waits for its client to close at shutdown."""
 
@@ -117,107 +98,6 @@ def _check_client_options(options: Mapping[str, Any]) -> None:
     if named:
         names = ", ".join(named)
         raise ConfigError(f"header(s) {names} cannot be passed here: {_CREDENTIALS_HINT}")
-
-
-def _check_model_kwargs(model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-    if model_kwargs is None:
-        return {}
-    if not isinstance(model_kwargs, Mapping):
-        raise ConfigError(f"model_kwargs must be a mapping, not {type(model_kwargs).__name__}")
-    if "prompt" in model_kwargs:
-        raise ConfigError("model_kwargs must not contain 'prompt'; use prompt_column")
-    return dict(model_kwargs)
-
-
-def _as_table(batch: object) -> pa.Table:
-    """A Ray batch (pyarrow, pandas or a dict of numpy arrays) as a ``pyarrow.Table``."""
-    if isinstance(batch, pa.Table):
-        return batch
-    if isinstance(batch, Mapping):
-        return pa.table(dict(batch))
-    if type(batch).__name__ == "DataFrame":  # pandas, without importing it here
-        return pa.Table.from_pandas(batch, preserve_index=False)
-    raise ConfigError(
-        f"a batch must be a pyarrow Table, a pandas DataFrame or a dict of arrays, not "
-        f"{type(batch).__name__} (pass batch_format='pyarrow' to map_batches)"
-    )
-
-
-def _row_extra(value: object, column: str) -> dict[str, Any]:
-    """One row's model arguments from ``extra_column``: a struct, a map or a JSON object.
-
-    Struct fields that are null are left out (a struct cannot say "absent"). Raises
-    ``ConfigError`` for a value that is not an object or carries ``"prompt"``.
-    """
-    if value is None:
-        return {}
-    if isinstance(value, (str, bytes)):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise ConfigError(f"{column!r} is not valid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ConfigError(
-                f"{column!r} must hold a JSON object of model arguments, not {type(value).__name__}"
-            )
-        extra = value
-    elif isinstance(value, Mapping):
-        extra = {k: v for k, v in value.items() if v is not None}
-    elif isinstance(value, list) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
-        extra = dict(value)  # an Arrow map column reads back as (key, value) pairs
-    else:
-        raise ConfigError(
-            f"{column!r} must be a struct, a map or a JSON object string, not "
-            f"{type(value).__name__}"
-        )
-    if "prompt" in extra:
-        raise ConfigError(f"{column!r} must not contain 'prompt'")
-    return extra
-
-
-def _status_of(error: ModalLLMError) -> int | None:
-    if isinstance(error, (StatusError, ContractError)):
-        return error.status_code
-    return None
-
-
-class _Columns:
-    """The result columns of one batch, filled row by row."""
-
-    __slots__ = ("attempts", "error", "error_type", "latency_s", "status", "text")
-
-    def __init__(self, size: int) -> None:
-        self.text: list[str | None] = [None] * size
-        self.error: list[str | None] = [None] * size
-        self.error_type: list[str | None] = [None] * size
-        self.status: list[int | None] = [None] * size
-        self.attempts: list[int] = [0] * size
-        self.latency_s: list[float] = [0.0] * size
-
-    def fail(self, row: int, error: ModalLLMError, attempts: int, latency: float) -> None:
-        self.error[row] = str(error)
-        self.error_type[row] = type(error).__name__
-        self.status[row] = _status_of(error)
-        self.attempts[row] = attempts
-        self.latency_s[row] = latency
-
-    def put(self, row: int, result: BatchResult) -> None:
-        if result.error is not None:
-            self.fail(row, result.error, result.attempts, result.latency)
-            return
-        self.text[row] = result.text
-        self.status[row] = SUCCESS_STATUS
-        self.attempts[row] = result.attempts
-        self.latency_s[row] = result.latency
-
-    def append_to(self, table: pa.Table) -> pa.Table:
-        """``table`` without any columns named like ours, then ours, typed as the schema."""
-        stale = [name for name in RESULT_COLUMNS if name in table.column_names]
-        if stale:
-            table = table.drop_columns(stale)
-        for field in RESULT_SCHEMA:
-            table = table.append_column(field, pa.array(getattr(self, field.name), field.type))
-        return table
 
 
 class Generator:
@@ -287,7 +167,7 @@ class Generator:
             raise ConfigError(f"extra_column must be a column name or None, not {extra_column!r}")
         self.prompt_column = prompt_column
         self.extra_column = extra_column
-        self.model_kwargs = _check_model_kwargs(model_kwargs)
+        self.model_kwargs = check_model_kwargs(model_kwargs)
         self.stop = stop
         self.rate_limit = rate_limit
         self.adaptive = adaptive
@@ -323,9 +203,9 @@ class Generator:
                 "a Generator serves one event loop; Ray runs async callables on one loop "
                 "per actor, so this is a second loop in the same process"
             )
-        table = _as_table(batch)
+        table = as_table(batch)
         prompts = self._prompts(table)
-        columns = _Columns(table.num_rows)
+        columns = Columns(table.num_rows)
         items: list[BatchItem] = []
         extras = self._extras(table)
         for row, prompt in enumerate(prompts):
@@ -334,7 +214,7 @@ class Generator:
                     raise ConfigError(f"{self.prompt_column!r} is null")
                 extra = self.model_kwargs
                 if extras is not None and extras[row] is not None:
-                    extra = {**extra, **_row_extra(extras[row], self.extra_column or "")}
+                    extra = {**extra, **row_extra(extras[row], self.extra_column or "")}
             except ConfigError as exc:
                 self._failed_row(columns, row, exc)
                 continue
@@ -368,13 +248,13 @@ class Generator:
         values: list[object] = table.column(name).to_pylist()
         return values
 
-    def _failed_row(self, columns: _Columns, row: int, error: ModalLLMError) -> None:
+    def _failed_row(self, columns: Columns, row: int, error: ModalLLMError) -> None:
         if self.raise_on_error:
             raise error
         self.failed += 1
         columns.fail(row, error, 0, 0.0)
 
-    async def _send(self, items: list[BatchItem], columns: _Columns) -> None:
+    async def _send(self, items: list[BatchItem], columns: Columns) -> None:
         # An item's id is its row in the batch (its index is its place in ``items``).
         results = self._client.map(
             items,
@@ -553,7 +433,7 @@ def generate(
         "endpoint_url": url,
         "prompt_column": prompt_column,
         "extra_column": extra_column,
-        "model_kwargs": _check_model_kwargs(model_kwargs),
+        "model_kwargs": check_model_kwargs(model_kwargs),
         "stop": stop,
         "rate_limit": rate_limit,
         "adaptive": adaptive,
