@@ -212,3 +212,18 @@ def test_benchmarks_import_only_public_modules() -> None:
     modules["benchmarks/_ok.py"] = ast.parse("from modal_llm.testing import FaultProxy\n")
     found = violations(modules)
     assert len(found) == 1 and "private module of modal_llm" in found[0], found
+
+
+def test_every_module_says_what_it_holds_and_is_not_too_long() -> None:
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = path.relative_to(ROOT).as_posix()
+        text = path.read_text(encoding="utf-8")
+        lines = text.count("\n")
+        if lines > MAX_LINES:
+            problems.append(f"{name}: {lines} lines (split it by concern: at most {MAX_LINES})")
+        first = text.partition("\n")[0]
+        said = first.startswith('"""') and len(first.strip('"').strip()) >= 10
+        if ast.get_docstring(ast.parse(text)) is None or not said:
+            problems.append(f"{name}: the first line is not a docstring saying what it holds")
+    assert problems == [], "\n".join(problems)
