@@ -34,6 +34,7 @@ import pyarrow as pa
 from . import (
     AsyncClient,
     BatchItem,
+    ClientClosedError,
     ConfigError,
     ModalLLMError,
 )
@@ -199,9 +200,9 @@ class Generator:
         if self._loop is None:
             self._loop = loop
         elif self._loop is not loop:
-            raise RuntimeError(
-                "a Generator serves one event loop; Ray runs async callables on one loop "
-                "per actor, so this is a second loop in the same process"
+            raise ClientClosedError(
+                "a Generator serves one event loop (Ray runs async callables on one loop "
+                "per actor); create one Generator per loop"
             )
         table = as_table(batch)
         prompts = self._prompts(table)

@@ -427,3 +427,13 @@ def test_cli_batch_on_ray_writes_what_the_single_process_writes(tmp_path: Path) 
         assert len(errors) == burst
         assert {(e["type"], e["status"]) for e in errors} == {("ServerError", 500)}
         assert table.column("text").null_count == burst
+
+
+def test_a_generator_refuses_a_second_event_loop() -> None:
+    async def one_batch(gen: Generator) -> Any:
+        return await gen(_table(0).cast(_table(1).schema))
+
+    gen = Generator("http://127.0.0.1:9/")
+    asyncio.run(one_batch(gen))  # an empty batch sends nothing
+    with pytest.raises(ClientClosedError, match="one event loop"):
+        asyncio.run(one_batch(gen))
