@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -361,7 +362,8 @@ def test_a_one_block_input_is_spread_over_the_actors() -> None:
 @pytest.mark.usefixtures("local_ray")
 def test_credentials_through_runtime_env_never_reach_a_column_or_a_log() -> None:
     ds = ray.data.from_items([{"id": i, "prompt": f"p{i}"} for i in range(200)])
-    env = {"env_vars": {"MODAL_LLM_KEY": KEY, "MODAL_LLM_SECRET": SECRET}}
+    # Debug logging on in the actors: their logs get every line modal-llm can write.
+    env = {"env_vars": {"MODAL_LLM_KEY": KEY, "MODAL_LLM_SECRET": SECRET, "MODAL_LLM_LOG": "debug"}}
     with _endpoint("--modal-key", KEY, "--modal-secret", SECRET) as url:
         ok = _rows(generate(ds, url, runtime_env=env))
         refused = _rows(generate(ds.limit(20), url, max_retries=0))
@@ -373,13 +375,24 @@ def test_credentials_through_runtime_env_never_reach_a_column_or_a_log() -> None
     assert SECRET not in dumped and KEY not in dumped
     # The actors' own logs (what modal-llm and the actor processes print). Ray's
     # runtime_env agent logs env_vars itself: docs/ray.md says so and offers the way round.
-    logs = [
-        path
+    # The actors close their clients when Ray shuts them down, after the run: another
+    # process writes that line, so there is no event to await, only the file to read.
+    deadline = time.monotonic() + 30
+    while not _worker_logs_with(b"closed the client for") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _worker_logs_with(b"closed the client for")
+    assert _worker_logs_with(SECRET.encode()) == []
+
+
+def _worker_logs_with(text: bytes) -> list[str]:
+    """The actors' own log files (not Ray's daemons') that contain ``text``."""
+    return [
+        path.name
         for path in (Path(_session_dir()) / "logs").iterdir()
-        if path.is_file() and path.name.startswith(("worker-", "python-core-worker-"))
+        if path.name.startswith(("worker-", "python-core-worker-"))
+        and path.is_file()
+        and text in path.read_bytes()
     ]
-    assert logs
-    assert [path.name for path in logs if SECRET.encode() in path.read_bytes()] == []
 
 
 def _session_dir() -> str:
