@@ -166,7 +166,7 @@ def test_the_entry_points_are_one_program() -> None:
 
 def test_serve_is_the_reference_endpoint_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--pieces", "0"]) == 2
-    assert "pieces must be at least 1" in capsys.readouterr().err
+    assert "argument --pieces: must be at least 1, not 0" in capsys.readouterr().err
 
 
 # -- batch ------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from .._argtypes import OneLineParser
 from .._exceptions import ModalLLMError
-from .._run import run
 from . import batch as _batch
 from . import demo as _demo
 from . import generate as _generate
@@ -36,6 +36,7 @@ from .common import (
     fail,
     prepare_stdout,
 )
+from .interrupts import Interrupts, Terminated, interruption
 from .serve import serve
 
 __all__ = [
@@ -56,7 +57,7 @@ __all__ = [
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``modal-llm`` argument parser (``serve`` is handed to ``modal_llm.server``)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG,
         description="Client, batch runner and local reference endpoint for LLM web "
         "endpoints on Modal.",
@@ -92,22 +93,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"{PROG} {__version__}")
         return EXIT_OK
-    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "demo": lambda args: run(_demo.demo(args)),
-        "generate": lambda args: run(_generate.generate(args)),
+    handlers: dict[str, Callable[[argparse.Namespace, Interrupts], int]] = {
+        "demo": lambda args, interrupts: interrupts.run(_demo.demo(args)),
+        "generate": lambda args, interrupts: interrupts.run(_generate.generate(args)),
         "batch": _batch.batch,
     }
     if args.command not in handlers:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     prepare_stdout()
-    try:
-        return handlers[args.command](args)
-    except CliExit as exc:
-        return fail(exc.code, exc.message, error=exc.error)
-    except ModalLLMError as exc:
-        failure = error_exit(exc)
-        return fail(failure.code, failure.message)
-    except KeyboardInterrupt:  # batch turns its own into CliExit, with what to do next
-        print(f"{PROG}: interrupted by Ctrl-C", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    # One handling of every way a command ends: CliExit, the library's errors (one
+    # mapping to exit statuses, error_exit), Ctrl-C and SIGTERM (Interrupts).
+    with Interrupts() as interrupts:
+        try:
+            return handlers[args.command](args, interrupts)
+        except CliExit as exc:
+            return fail(exc.code, exc.message, error=exc.error)
+        except ModalLLMError as exc:
+            failure = error_exit(exc)
+            return fail(failure.code, failure.message)
+        except (KeyboardInterrupt, Terminated) as exc:  # batch adds how to resume
+            name, code = interruption(exc)
+            return fail(code, f"interrupted by {name}", error=False)

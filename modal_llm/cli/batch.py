@@ -10,15 +10,13 @@ written and say how to resume; a failure that every item would share stops the r
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
-import signal
 import sys
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any, Final
 
+from .._argtypes import MAX_CONCURRENCY, count, per_second
 from .._client import AsyncClient
 from .._config import DEFAULT_MAX_CONCURRENCY
 from .._exceptions import (
@@ -32,25 +30,19 @@ from .._exceptions import (
 from .._fanout import BatchResult
 from .._hooks import AttemptEvent, AttemptHook
 from .._progress import INSTALL_HINT, Progress
-from .._run import run
 from .batch_input import BatchInput, IdCheck, check_paths, is_parquet, os_problem, scan_lines
 from .batch_output import JsonlSink, completed_ids, record
 from .common import (
     EXIT_BAD_INPUT,
-    EXIT_CONFIG,
     EXIT_FAILED,
-    EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_TERMINATED,
     EXIT_USAGE,
     PROG,
     CliExit,
     error_exit,
     make_client,
-    one_line,
-    positive_float,
-    positive_int,
 )
+from .interrupts import Interrupts, Terminated, interruption
 
 __all__ = ["CONTRACT_PROBE", "add_parser", "batch"]
 
@@ -90,12 +82,12 @@ def add_parser(commands: Any, endpoint: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--concurrency",
-        type=positive_int,
+        type=count(1, MAX_CONCURRENCY),
         default=DEFAULT_MAX_CONCURRENCY,
         metavar="N",
         help="requests in flight: the client's max_concurrency (default: %(default)s)",
     )
-    parser.add_argument("--rate", type=positive_float, metavar="PER_SECOND", help="rate limit")
+    parser.add_argument("--rate", type=per_second, metavar="PER_SECOND", help="rate limit")
     parser.add_argument(
         "--adaptive", action="store_true", help="lower concurrency on 429/503, raise it back"
     )
@@ -111,7 +103,7 @@ def add_parser(commands: Any, endpoint: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ray-actors",
-        type=positive_int,
+        type=count(1, MAX_CONCURRENCY),
         default=2,
         metavar="N",
         help="with --ray: actors, each with one client; --concurrency is split over them "
@@ -125,10 +117,6 @@ def add_parser(commands: Any, endpoint: argparse.ArgumentParser) -> None:
     )
 
 
-class _Terminated(BaseException):
-    """SIGTERM outside the event loop (it cancels the run when inside)."""
-
-
 @dataclass
 class _Run:
     """Counts of one run, and how it was interrupted."""
@@ -137,17 +125,6 @@ class _Run:
     failed: int = 0
     contract: int = 0
     retries: int = 0
-    signal: str | None = None
-    loop: asyncio.AbstractEventLoop | None = None
-    task: asyncio.Task[Any] | None = None
-
-    def on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        self.signal = "SIGTERM"
-        if self.loop is not None and self.task is not None and not self.task.done():
-            # As asyncio.run does for Ctrl-C: cancel the run, so it unwinds cleanly.
-            self.loop.call_soon_threadsafe(self.task.cancel)
-        else:
-            raise _Terminated
 
     def on_failure(self, event: AttemptEvent) -> None:
         """The client's "failure" hook: count the attempts that will be retried."""
@@ -175,27 +152,20 @@ class _Run:
         return None
 
 
-def batch(args: argparse.Namespace) -> int:
-    """Run ``batch``; return the exit status (``CliExit``/errors propagate to ``main``)."""
+def batch(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    """Run ``batch``; return the exit status (``CliExit``/errors propagate to ``main``).
+
+    Ctrl-C and SIGTERM (``interrupts``, shared by every command) end it with what is in
+    OUTPUT and how to resume.
+    """
     state = _Run()
     try:
-        previous = signal.signal(signal.SIGTERM, state.on_sigterm)
-    except ValueError:  # not the main thread (tests run main() in a thread)
-        previous = None
-    try:
-        return _batch(args, state)
-    except (KeyboardInterrupt, _Terminated):
-        raise _interrupted(args, state) from None
-    except asyncio.CancelledError:
-        if state.signal is None:
-            raise
-        raise _interrupted(args, state) from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        return _batch(args, state, interrupts)
+    except (KeyboardInterrupt, Terminated) as exc:
+        raise _interrupted(args, state, exc) from None
 
 
-def _batch(args: argparse.Namespace, state: _Run) -> int:
+def _batch(args: argparse.Namespace, state: _Run, interrupts: Interrupts) -> int:
     in_parquet = args.format == "parquet" or (args.format == "auto" and is_parquet(args.input))
     out_parquet = is_parquet(args.output)
     if in_parquet and args.input == "-":
@@ -268,9 +238,9 @@ def _batch(args: argparse.Namespace, state: _Run) -> int:
             if args.ray is not None:
                 from .ray_batch import run_on_ray
 
-                run_on_ray(args, client, source, sink, progress, state)
+                run_on_ray(args, client, source, sink, progress, state, run=interrupts.run)
             else:
-                run(_run_batch(args, client, source, sink, progress, state))
+                interrupts.run(_run_batch(args, client, source, sink, progress, state))
         except CliExit as exc:
             if sink.written and args.output != "-":
                 exc.message += (
@@ -308,43 +278,32 @@ async def _run_batch(
     progress: Progress,
     state: _Run,
 ) -> None:
-    state.loop, state.task = asyncio.get_running_loop(), asyncio.current_task()
-    try:
-        async with client:
-            # One concurrency number: the client's cap, which map() uses by default.
-            # --param goes into each item (not map's **extra), so that a model argument
-            # named like one of map's options stays a model argument.
-            results = client.map(
-                source.items(),
-                ordered=args.ordered,
-                rate_limit=args.rate,
-                adaptive=args.adaptive,
-                stop=args.stop,
-            )
-            async with contextlib.aclosing(results):
-                async for result in results:
-                    sink.write(record(result))
-                    progress.advance(failed=not result.ok)
-                    stop = state.count(result)
-                    if stop is not None:
-                        raise _stop(stop, state)
-    finally:
-        state.loop = state.task = None
+    async with client:
+        # One concurrency number: the client's cap, which map() uses by default.
+        # --param goes into each item (not map's **extra), so that a model argument
+        # named like one of map's options stays a model argument.
+        results = client.map(
+            source.items(),
+            ordered=args.ordered,
+            rate_limit=args.rate,
+            adaptive=args.adaptive,
+            stop=args.stop,
+        )
+        async with contextlib.aclosing(results):
+            async for result in results:
+                sink.write(record(result))
+                progress.advance(failed=not result.ok)
+                stop = state.count(result)
+                if stop is not None:
+                    raise _stop(stop, state)
 
 
 def _stop(error: ModalLLMError, state: _Run) -> CliExit:
-    if isinstance(error, ContractError):
-        return CliExit(
-            EXIT_CONFIG,
-            f"the endpoint does not speak the contract: its first {state.contract} replies "
-            'were not a JSON object with the text under "prompt" (the last: '
-            f"{one_line(error)}); check --endpoint or $MODAL_LLM_ENDPOINT_URL",
-        )
-    return error_exit(error)
+    return error_exit(error, replies=max(state.contract, 1))
 
 
-def _interrupted(args: argparse.Namespace, state: _Run) -> CliExit:
-    how, code = ("SIGTERM", EXIT_TERMINATED) if state.signal else ("Ctrl-C", EXIT_INTERRUPTED)
+def _interrupted(args: argparse.Namespace, state: _Run, exc: BaseException) -> CliExit:
+    how, code = interruption(exc)
     counts = f"{state.ok} succeeded and {state.failed} failed"
     if args.output == "-":
         where = f"{counts} went to stdout (nothing to resume from)"

@@ -15,14 +15,19 @@ import os
 import sys
 from typing import Any, Final
 
+from .._argtypes import count, non_empty, seconds
 from .._client import AsyncClient
 from .._config import DEFAULT_MAX_RETRIES, ENV_ENDPOINT_URL, ENV_KEY, ENV_SECRET, Timeout
 from .._exceptions import (
     AuthenticationError,
     ConfigError,
     ConnectError,
+    ContractError,
     EndpointTimeoutError,
     ModalLLMError,
+    RedirectError,
+    ReplyTooLargeError,
+    ResultPendingError,
     TransportError,
 )
 
@@ -45,8 +50,6 @@ __all__ = [
     "fail",
     "make_client",
     "one_line",
-    "positive_float",
-    "positive_int",
     "prepare_stdout",
 ]
 
@@ -81,6 +84,9 @@ EXIT_CODES: Final = {
     EXIT_TERMINATED: "terminated (SIGTERM)",
 }
 
+MAX_RETRIES: Final = 1000
+"""The most retries ``--max-retries`` takes (retrying for ever is a shell loop's job)."""
+
 PROG: Final = "modal-llm"
 AUTH_HINT: Final = "set MODAL_LLM_KEY and MODAL_LLM_SECRET, or pass --modal-key/--modal-secret"
 
@@ -109,17 +115,35 @@ def error_text(exc: BaseException) -> str:
     return one_line(exc)
 
 
-def error_exit(exc: ModalLLMError) -> CliExit:
-    """Map an error that ends a command to its exit status and message."""
+def error_exit(exc: ModalLLMError, *, replies: int = 1) -> CliExit:
+    """The exit status and message of an error that ends a command: the one mapping, used
+    by every command (docs/cli.md, "Exit statuses").
+
+    ``replies`` is how many replies in a row failed the contract (``batch`` stops after a
+    few), for the message of a ``ContractError``.
+    """
     text = error_text(exc)
-    if isinstance(exc, ConnectError) and not exc.before_response:
-        return CliExit(EXIT_FAILED, f"the reply was cut short: {text}")
     if isinstance(exc, ConfigError):
         return CliExit(EXIT_CONFIG, text)
     if isinstance(exc, AuthenticationError):
         return CliExit(EXIT_AUTH, f"authentication failed: {text}; {AUTH_HINT}")
-    if isinstance(exc, EndpointTimeoutError):
+    if isinstance(exc, ContractError) and not isinstance(exc, ReplyTooLargeError):
+        were = "its reply was" if replies == 1 else f"its first {replies} replies were"
+        return CliExit(
+            EXIT_CONFIG,
+            f"the endpoint does not speak the contract: {were} not a JSON object with the "
+            f'text under "prompt" (the last: {text}); check --endpoint or ${ENV_ENDPOINT_URL}',
+        )
+    if isinstance(exc, (ResultPendingError, EndpointTimeoutError)):
         return CliExit(EXIT_UNREACHABLE, f"the endpoint did not answer in time: {text}")
+    if isinstance(exc, RedirectError):  # a 307/308 or a malformed Location: not Modal's 303
+        return CliExit(
+            EXIT_CONFIG,
+            f"the endpoint redirected in a way the contract does not allow: {text}; check "
+            f"--endpoint or ${ENV_ENDPOINT_URL}",
+        )
+    if isinstance(exc, ConnectError) and not exc.before_response:
+        return CliExit(EXIT_FAILED, f"the reply was cut short: {text}")
     if isinstance(exc, TransportError):
         return CliExit(EXIT_UNREACHABLE, f"cannot reach the endpoint: {text}")
     return CliExit(EXIT_FAILED, text)
@@ -165,42 +189,19 @@ def _param(text: str) -> tuple[str, Any]:
             f"{key!r} names a client option, not a model argument: {_CLIENT_ARGUMENTS[key]}"
         )
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=_not_json)
     except ValueError:
-        value = raw
+        value = raw  # not JSON: the text itself
+    if isinstance(value, float) and not math.isfinite(value):  # 1e999
+        raise argparse.ArgumentTypeError(f"{raw} is out of range for a JSON number")
     return key, value
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
-    return value
+def _not_json(name: str) -> object:
+    raise argparse.ArgumentTypeError(
+        f"{name} is not a JSON number (JSON has no NaN or Infinity); to send the text, "
+        f"quote it in JSON: '\"{name}\"'"
+    )
 
 
 def endpoint_options() -> argparse.ArgumentParser:
@@ -213,14 +214,14 @@ def endpoint_options() -> argparse.ArgumentParser:
     add("--modal-secret", metavar="SECRET", help="proxy auth secret (default: $MODAL_LLM_SECRET)")
     add(
         "--timeout",
-        type=positive_float,
+        type=seconds(positive=True),
         metavar="SECONDS",
         help="connect, first-byte and read timeout (default: the client's, which waits for "
         "cold starts)",
     )
     add(
         "--max-retries",
-        type=_non_negative_int,
+        type=count(0, MAX_RETRIES),
         metavar="N",
         help=f"retries per request after the first attempt (default: {DEFAULT_MAX_RETRIES})",
     )
@@ -232,7 +233,9 @@ def endpoint_options() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="model argument sent with every prompt; VALUE is JSON if it parses (repeatable)",
     )
-    add("--stop", action="append", metavar="TEXT", help="stop sequence (repeatable)")
+    add(
+        "--stop", type=non_empty, action="append", metavar="TEXT", help="stop sequence (repeatable)"
+    )
     return parent
 
 

@@ -9,17 +9,20 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .._argtypes import MAX_CONCURRENCY, count
 from .._client import AsyncClient
 from .._config import RetryPolicy
 from .._exceptions import ModalLLMError, StatusError
 from .._fanout import BatchResult
 from .._hooks import AttemptEvent, AttemptHook
 from .._progress import INSTALL_HINT, Progress
-from .common import EXIT_OK, positive_int
+from .common import EXIT_OK
 
 __all__ = ["add_parser", "demo"]
 
 _DEMO_PROMPT: Final = "Explain in one breath why the sky is blue"
+MAX_DEMO_PROMPTS: Final = 1_000_000
+"""The demo keeps every result for its summary: a bigger run is a job for ``batch``."""
 
 
 def add_parser(commands: Any) -> None:
@@ -30,8 +33,9 @@ def add_parser(commands: Any) -> None:
         description="Start the reference endpoint in-process (a toy generator, no account, "
         "no network), stream one answer, fan out a batch and print a summary.",
     )
-    demo.add_argument("--prompts", type=positive_int, default=300, help="batch size (300)")
-    demo.add_argument("--concurrency", type=positive_int, default=16, help="in flight (16)")
+    prompts, in_flight = count(1, MAX_DEMO_PROMPTS), count(1, MAX_CONCURRENCY)
+    demo.add_argument("--prompts", type=prompts, default=300, help="batch size (300)")
+    demo.add_argument("--concurrency", type=in_flight, default=16, help="in flight (16)")
     demo.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,

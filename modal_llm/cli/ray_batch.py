@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from .._client import AsyncClient
@@ -63,8 +64,14 @@ def run_on_ray(
     sink: Any,
     progress: Progress,
     state: Any,
+    *,
+    run: Callable[[Coroutine[Any, Any, list[BatchItem]]], list[BatchItem]] = run,
 ) -> None:
-    """Send every item of ``source`` through ``modal_llm.ray``; write and count as ``batch``."""
+    """Send every item of ``source`` through ``modal_llm.ray``; write and count as ``batch``.
+
+    ``run`` runs the coroutine that reads INPUT (``batch`` passes its ``Interrupts.run``, so
+    SIGTERM there is handled as everywhere else).
+    """
     try:
         import modal_llm.ray as mray
     except ImportError:
