@@ -28,7 +28,7 @@ from modal_llm.cli import (
     EXIT_USAGE,
 )
 from modal_llm.server import STATS, ServerConfig, create_app, serve, toy_generate
-from tests.cli_support import Ran, finish, modal_llm, start
+from tests.cli_support import finish, modal_llm, start
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="signals and /dev/full are POSIX")
 
@@ -223,22 +223,6 @@ def read_any(path: Path) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
         return rows
     return records(path)
-
-
-async def test_ctrl_c_during_generate_stream_ends_the_partial_line_first() -> None:
-    gate = asyncio.Event()
-    async with serve(ServerConfig(pieces=6, gate=gate)) as url:
-        proc = await start("generate", "--stream", "--endpoint", url, "tell me")
-        assert proc.stdout is not None
-        first = await asyncio.wait_for(proc.stdout.read(64), 30)  # the first piece is out
-        proc.send_signal(signal.SIGINT)
-        rest, err = await asyncio.wait_for(proc.communicate(), 60)
-        gate.set()
-    assert proc.returncode == EXIT_INTERRUPTED
-    printed = (first + rest).decode("utf-8")
-    assert printed.endswith("\n") and printed.strip()
-    ran = Ran(proc.returncode, printed, err.decode("utf-8"))
-    ran.one_line_error("interrupted by Ctrl-C", prefix="modal-llm: ")
 
 
 # -- item 4: duplicate ids; item 5: INPUT is OUTPUT -----------------------------------------

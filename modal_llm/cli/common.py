@@ -128,11 +128,15 @@ def error_exit(exc: ModalLLMError, *, replies: int = 1) -> CliExit:
     if isinstance(exc, AuthenticationError):
         return CliExit(EXIT_AUTH, f"authentication failed: {text}; {AUTH_HINT}")
     if isinstance(exc, ContractError) and not isinstance(exc, ReplyTooLargeError):
-        were = "its reply was" if replies == 1 else f"its first {replies} replies were"
+        if replies > 1:
+            text = (
+                f'its first {replies} replies were not a JSON object with the text under "prompt"'
+                f" (the last: {text})"
+            )
         return CliExit(
             EXIT_CONFIG,
-            f"the endpoint does not speak the contract: {were} not a JSON object with the "
-            f'text under "prompt" (the last: {text}); check --endpoint or ${ENV_ENDPOINT_URL}',
+            f"the endpoint does not speak the contract: {text}; check --endpoint or "
+            f"${ENV_ENDPOINT_URL}",
         )
     if isinstance(exc, (ResultPendingError, EndpointTimeoutError)):
         return CliExit(EXIT_UNREACHABLE, f"the endpoint did not answer in time: {text}")
