@@ -68,20 +68,13 @@ class Run:
 
 @contextlib.contextmanager
 def endpoint(faults: bool, seed: int = 13) -> Iterator[str]:
-    flags = ["--latency", str(LATENCY), "--port", "0"]
+    from modal_llm.testing import endpoint_process
+
+    flags = ["--latency", str(LATENCY)]
     if faults:
         flags += ["--failure-rate", str(FAULT_RATE), "--seed", str(seed)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modal_llm.server", *flags], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        yield proc.stdout.readline().strip()
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with endpoint_process(*flags) as url:
+        yield url
 
 
 def rows_of(count: int) -> list[dict[str, Any]]:

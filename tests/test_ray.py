@@ -7,12 +7,9 @@ and talk to the reference endpoint run as a subprocess, as a cluster would reach
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import glob
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +29,7 @@ from ray.data.expressions import col  # noqa: E402
 from modal_llm import ClientClosedError, ConfigError, ServerError  # noqa: E402
 from modal_llm.ray import RESULT_COLUMNS, RESULT_SCHEMA, Generator, generate  # noqa: E402
 from modal_llm.server import STATS, ServerConfig, create_app, serve  # noqa: E402
+from modal_llm.testing import endpoint_process  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -223,26 +221,6 @@ def test_close_from_another_thread_closes_the_client_on_its_loop() -> None:
 # -- generate() on a local Ray -----------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _endpoint(*flags: str) -> Iterator[str]:
-    """The reference endpoint in a subprocess; yields its URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "modal_llm.server", "--port", "0", *flags],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:"), url
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
 def _rows(ds: Any) -> list[dict[str, Any]]:
     return list(ds.iter_rows())
 
@@ -251,7 +229,9 @@ def _rows(ds: Any) -> list[dict[str, Any]]:
 def test_thousands_of_rows_none_lost_none_doubled_and_retry_after_recovers() -> None:
     rows = 3000
     ds = ray.data.from_items([{"id": i, "prompt": f"p{i}"} for i in range(rows)])
-    with _endpoint("--latency", "0.005", "--rate-limit-every", "6", "--retry-after", "0") as url:
+    with endpoint_process(
+        "--latency", "0.005", "--rate-limit-every", "6", "--retry-after", "0"
+    ) as url:
         out = generate(ds, url, max_retries=10, model_kwargs={"max_tokens": 8}).materialize()
     assert out.schema().base_schema == pa.schema(
         [pa.field("id", pa.int64()), pa.field("prompt", pa.string()), *RESULT_SCHEMA]
@@ -271,7 +251,7 @@ def test_failed_rows_are_typed_and_the_output_reads_back_as_one_parquet_dataset(
     rows, burst = 1000, 60
     ds = ray.data.from_items([{"id": i, "prompt": f"p{i}"} for i in range(rows)])
     target = tmp_path / "out"
-    with _endpoint("--error-burst", str(burst), "--error-status", "500") as url:
+    with endpoint_process("--error-burst", str(burst), "--error-status", "500") as url:
         generate(ds, url, max_retries=0).write_parquet(str(target))
     files = sorted(glob.glob(str(target / "*.parquet")))
     assert len(files) > 1
@@ -288,7 +268,7 @@ def test_failed_rows_are_typed_and_the_output_reads_back_as_one_parquet_dataset(
         assert r["status"] == 500 and r["attempts"] == 1 and "500" in r["error"]
     assert all(r["text"] and r["error_type"] is None for r in got if r["error"] is None)
     # The rerun recipe of docs/ray.md: the failed rows, fed back in, replace their results.
-    with _endpoint() as url:
+    with endpoint_process() as url:
         failed_again = ray.data.read_parquet(str(target)).filter(expr=col("error").is_not_null())
         rerun = generate(failed_again, url)
         again = _rows(rerun)
@@ -364,7 +344,7 @@ def test_credentials_through_runtime_env_never_reach_a_column_or_a_log() -> None
     ds = ray.data.from_items([{"id": i, "prompt": f"p{i}"} for i in range(200)])
     # Debug logging on in the actors: their logs get every line modal-llm can write.
     env = {"env_vars": {"MODAL_LLM_KEY": KEY, "MODAL_LLM_SECRET": SECRET, "MODAL_LLM_LOG": "debug"}}
-    with _endpoint("--modal-key", KEY, "--modal-secret", SECRET) as url:
+    with endpoint_process("--modal-key", KEY, "--modal-secret", SECRET) as url:
         ok = _rows(generate(ds, url, runtime_env=env))
         refused = _rows(generate(ds.limit(20), url, max_retries=0))
     assert len(ok) == 200 and all(r["text"] and r["error"] is None for r in ok)
@@ -408,7 +388,7 @@ def test_raise_on_error_fails_the_job_with_the_rows_error() -> None:
     gc.collect()
     ds = ray.data.from_items([{"id": i, "prompt": f"p{i}"} for i in range(100)])
     with (
-        _endpoint("--error-burst", "1", "--error-status", "500") as url,
+        endpoint_process("--error-burst", "1", "--error-status", "500") as url,
         pytest.raises(Exception, match="ServerError") as info,
     ):
         generate(ds, url, raise_on_error=True, max_retries=0).materialize()
@@ -427,7 +407,7 @@ def test_cli_batch_on_ray_writes_what_the_single_process_writes(tmp_path: Path) 
     outputs = {}
     for mode in ("single", "ray"):
         out = tmp_path / f"{mode}.parquet"
-        with _endpoint("--error-burst", str(burst), "--error-status", "500") as url:
+        with endpoint_process("--error-burst", str(burst), "--error-status", "500") as url:
             argv = ["batch", str(source), "-o", str(out), "--endpoint", url, "--max-retries", "0"]
             status = main([*argv, "--ray"] if mode == "ray" else argv)
         assert status == 1  # some rows failed, either way

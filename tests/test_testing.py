@@ -33,6 +33,7 @@ from modal_llm.testing import (
     ServerConfig,
     ServerThread,
     StreamReply,
+    endpoint_process,
     local_endpoint,
 )
 
@@ -416,3 +417,20 @@ def test_server_thread_serves_any_app() -> None:
     assert not server.running and server.loop is None
     with pytest.raises(RuntimeError, match="not running"):
         server.submit(asyncio.sleep(0))
+
+
+# -- the endpoint in a process of its own ------------------------------------------------------
+
+
+def test_endpoint_process_serves_until_the_block_ends() -> None:
+    with endpoint_process("--modal-key", "k", "--modal-secret", "s") as url:
+        assert url.startswith("http://127.0.0.1:")
+        with Client(url, modal_key="k", modal_secret="s", retry=NO_RETRY) as client:
+            assert client.generate("apart") == toy_generate("apart")
+    assert refused(url)
+
+
+def test_endpoint_process_that_cannot_start_says_so(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(RuntimeError, match="did not start"), endpoint_process("--latency", "-1"):
+        pass
+    assert "latency" in capfd.readouterr().err

@@ -19,8 +19,10 @@ As a pytest plugin (not auto-loaded), in a ``conftest.py``::
 
 gives the ``modal_endpoint`` and ``modal_endpoint_factory`` fixtures. :class:`FaultProxy`
 sits between a client and any endpoint and breaks the TCP stream itself (refuse, reset,
-stall, cut, delay). See docs/testing.md. ``import modal_llm`` never imports this package;
-it needs nothing beyond modal-llm's own dependencies (pytest only for the fixtures).
+stall, cut, delay). :func:`endpoint_process` runs the endpoint in a process of its own
+(for Ray workers or benchmarks). See docs/testing.md. ``import modal_llm`` never imports
+this package; it needs nothing beyond modal-llm's own dependencies (pytest only for the
+fixtures).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from modal_llm.server import RecordedRequest, ServerConfig, ServerStats, StreamR
 from ._faultplan import FAULT_KINDS, FaultConfig, FaultKind
 from ._faultproxy import FaultProxy
 from ._local import TEST_DEFAULTS, AsyncLocalEndpoint, BaseLocalEndpoint, local_endpoint
+from ._process import endpoint_process
 from ._threaded import LocalEndpoint, ServerThread
 
 if importlib.util.find_spec("pytest") is not None:  # the plugin's fixtures, for pytest
@@ -51,5 +54,6 @@ __all__ = [
     "ServerStats",
     "ServerThread",
     "StreamReply",
+    "endpoint_process",
     "local_endpoint",
 ]
