@@ -162,8 +162,9 @@ def mask_error(error: BaseException, secrets: tuple[str, ...]) -> None:
     """Mask ``secrets`` in every text an error carries, its causes' included (in place).
 
     The one place an error leaving the client is cleaned, whatever path raised it: the
-    message, ``args`` and every string attribute (``body_excerpt``, ``server_message``,
-    ``partial_text``...), so neither ``str()``, ``repr()`` nor an attribute shows them.
+    message, ``args``, every string attribute (``body_excerpt``, ``server_message``,
+    ``partial_text``...) and the values of ``headers``, so neither ``str()``, ``repr()``
+    nor an attribute shows them.
     """
     if not secrets:
         return
@@ -176,6 +177,8 @@ def mask_error(error: BaseException, secrets: tuple[str, ...]) -> None:
             for name, value in state.items():
                 if isinstance(value, str) and value:
                     state[name] = mask_text(value, secrets)
+                elif isinstance(value, Headers):  # a reply header echoing what we sent
+                    state[name] = Headers((k, mask_text(v, secrets)) for k, v in value.items())
             current.args = tuple(
                 mask_text(a, secrets) if isinstance(a, str) else a for a in current.args
             )

@@ -245,7 +245,8 @@ def assert_masked(error: BaseException) -> None:
 async def test_echoed_credentials_of_every_kind_are_masked(path: str) -> None:
     async def handler(r: Any, writer: asyncio.StreamWriter, line: str, h: Any, n: int) -> None:
         echo = f"bad request: {line} {json.dumps(h)}".encode()
-        writer.write(whole(400, echo, {"Content-Type": "text/plain"}))
+        echoed = {"Content-Type": "text/plain", "X-Echo": f"key {h.get('x-api-key')}"}
+        writer.write(whole(400, echo, echoed))
 
     headers = {"X-Api-Key": API_KEY, "Cookie": f"s={COOKIE}", "Authorization": f"Basic {BEARER}"}
     async with raw_server(handler) as url:
@@ -264,6 +265,7 @@ async def test_echoed_credentials_of_every_kind_are_masked(path: str) -> None:
                 else:
                     await c.generate("hi", headers={"X-Auth-Token": CALL_TOKEN})
     assert "token=***" in info.value.body_excerpt  # the echo is there, its values are not
+    assert info.value.headers["x-echo"] == "key ***"
     assert_masked(info.value)
 
 
