@@ -27,7 +27,7 @@ from modal_llm.cli import (
     main,
 )
 from modal_llm.server import ServerConfig, serve, toy_generate
-from tests.cli_support import Ran, finish, modal_llm, start
+from tests.cli_support import MODAL_LLM, Ran, cli_env, finish, modal_llm, start
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="signals are POSIX")
 
@@ -279,3 +279,39 @@ async def test_one_failure_has_one_exit_status_in_every_command(tmp_path: Path, 
         if needle is not None:
             line = result.err.strip().splitlines()[-1]
             assert line.startswith("modal-llm: error: ") and needle in line, (command, line)
+
+
+# -- stdout that cannot be written is one line and exit 2, in every command ------------------
+
+
+async def test_a_full_stdout_is_one_line_and_exit_2_in_every_command(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 1, "prompt": "hi"}\n', "utf-8")
+
+    async def to_dev_full(*argv: str) -> Ran:
+        full = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                str(MODAL_LLM),
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=full,
+                stderr=asyncio.subprocess.PIPE,
+                env=cli_env(),
+            )
+        finally:
+            os.close(full)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return Ran(proc.returncode, "", err.decode("utf-8"))
+
+    async with serve(ServerConfig(pieces=4)) as url:
+        runs = await asyncio.gather(
+            to_dev_full("generate", "--endpoint", url, "hi"),
+            to_dev_full("generate", "--stream", "--endpoint", url, "hi"),
+            to_dev_full("batch", str(source), "-o", "-", "--endpoint", url),
+            to_dev_full("demo", "--prompts", "3", "--no-progress"),
+        )
+    for ran in runs:
+        assert ran.code == EXIT_USAGE, ran.err
+        ran.one_line_error("cannot write to stdout", "No space left on device")

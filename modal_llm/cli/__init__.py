@@ -34,6 +34,7 @@ from .common import (
     endpoint_options,
     error_exit,
     fail,
+    guarded_stdout,
     prepare_stdout,
 )
 from .interrupts import Interrupts, Terminated, interruption
@@ -103,8 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     prepare_stdout()
     # One handling of every way a command ends: CliExit, the library's errors (one
-    # mapping to exit statuses, error_exit), Ctrl-C and SIGTERM (Interrupts).
-    with Interrupts() as interrupts:
+    # mapping to exit statuses, error_exit), Ctrl-C and SIGTERM (Interrupts), and a
+    # stdout that cannot be written (guarded_stdout).
+    with Interrupts() as interrupts, guarded_stdout():
         try:
             return handlers[args.command](args, interrupts)
         except CliExit as exc:

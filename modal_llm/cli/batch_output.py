@@ -4,7 +4,6 @@ JSONL journal (``parquet.py``)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -13,7 +12,7 @@ from typing import IO, Any
 from .._exceptions import StatusError
 from .._fanout import BatchResult
 from .batch_input import id_key, os_problem
-from .common import EXIT_USAGE, CliExit, error_text
+from .common import EXIT_USAGE, CliExit, error_text, silence_stdout
 
 __all__ = ["JsonlSink", "completed_ids", "record"]
 
@@ -112,7 +111,7 @@ class JsonlSink:
         except OSError as exc:
             self.broken = True
             if self._handle is sys.stdout:
-                _silence_stdout()
+                silence_stdout()
             raise CliExit(
                 EXIT_USAGE, f"cannot write results to {self.name}: {os_problem(exc)}"
             ) from None
@@ -144,12 +143,3 @@ def _ends_open(path: str) -> bool:
             return handle.read(1) != b"\n"
     except OSError:
         return False
-
-
-def _silence_stdout() -> None:
-    """After stdout broke (a closed pipe), point it at /dev/null so that the interpreter's
-    last flush does not print a second error."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)

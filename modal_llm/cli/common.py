@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any, Final
 
 from .._argtypes import count, non_empty, seconds
@@ -48,9 +49,11 @@ __all__ = [
     "error_exit",
     "error_text",
     "fail",
+    "guarded_stdout",
     "make_client",
     "one_line",
     "prepare_stdout",
+    "silence_stdout",
 ]
 
 EXIT_OK: Final = 0
@@ -167,6 +170,56 @@ def prepare_stdout() -> None:
     if isinstance(stream, io.TextIOWrapper) and encoding not in ("utf-8", "utf8"):
         with contextlib.suppress(ValueError, io.UnsupportedOperation):
             stream.reconfigure(errors="replace")
+
+
+class _GuardedStdout:
+    """``sys.stdout`` while a command runs: a failed write or flush (a full disk, a closed
+    pipe) ends the command with one line and exit 2, in every command alike."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            written: int = self._stream.write(text)
+        except OSError as exc:
+            raise self._failed(exc) from None
+        return written
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: OSError) -> CliExit:
+        silence_stdout()
+        return CliExit(EXIT_USAGE, f"cannot write to stdout: {exc.strerror or one_line(exc)}")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def guarded_stdout() -> Iterator[None]:
+    """Make ``sys.stdout`` a :class:`_GuardedStdout` for the ``with`` block."""
+    original = sys.stdout
+    guard = _GuardedStdout(original)
+    sys.stdout = guard
+    try:
+        yield
+    finally:
+        if sys.stdout is guard:
+            sys.stdout = original
+
+
+def silence_stdout() -> None:
+    """After stdout broke (a closed pipe, a full disk), point it at /dev/null so that the
+    interpreter's last flush does not print a second error."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 # -- argument types ---------------------------------------------------------------------------

@@ -83,9 +83,10 @@ async def demo(args: argparse.Namespace) -> int:
             url, max_concurrency=args.concurrency, retry=retry, event_hooks=hooks
         ) as client:
             print(f"\nstreaming: {_DEMO_PROMPT!r}")
-            async for piece in client.stream(_DEMO_PROMPT):
-                out.write(piece)
-                out.flush()
+            async with client.stream(_DEMO_PROMPT) as stream:
+                async for piece in stream:
+                    out.write(piece)
+                    out.flush()
             out.write("\n")
             stream_retries = len(failures)
             if failures:

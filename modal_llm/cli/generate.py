@@ -56,16 +56,20 @@ async def generate(args: argparse.Namespace) -> int:
         pieces = chars = 0
         line_open = False  # the last text printed did not end a line
         try:
-            async for piece in client.stream(prompt, stop=args.stop, **params):
-                out.write(piece)
-                out.flush()
-                pieces += 1
-                chars += len(piece)
-                if piece:
-                    line_open = not piece.endswith("\n")
+            # Closed on every way out (an error, Ctrl-C, stdout gone), which frees its slot.
+            async with client.stream(prompt, stop=args.stop, **params) as stream:
+                async for piece in stream:
+                    out.write(piece)
+                    out.flush()
+                    pieces += 1
+                    chars += len(piece)
+                    if piece:
+                        line_open = not piece.endswith("\n")
         except StreamInterruptedError as exc:
             _end_line(line_open)
             raise CliExit(EXIT_FAILED, _cut_short(exc, pieces, chars)) from None
+        except CliExit:  # stdout cannot be written: nothing more goes there
+            raise
         except BaseException:  # Ctrl-C or an error: its message must start on a new line
             _end_line(line_open)
             raise
