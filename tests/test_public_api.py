@@ -34,7 +34,8 @@ def test_import_is_light() -> None:
         "import sys, modal_llm; "
         "heavy = [m for m in ('langchain_core', 'tqdm', 'pyarrow', 'modal_llm.server', "
         "'modal_llm.cli', 'modal_llm.testing', 'pytest', 'opentelemetry', "
-        "'opentelemetry.trace', 'modal_llm._otel', 'modal_llm.ray', 'ray') "
+        "'opentelemetry.trace', 'modal_llm._otel', 'modal_llm._otelmetrics', 'modal_llm.ray', "
+        "'modal_llm._raycolumns', 'ray') "
         "if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

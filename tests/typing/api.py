@@ -10,10 +10,12 @@ from modal_llm import (
     BatchResult,
     Completion,
     ModalLLMError,
+    PoolStats,
     RateLimiter,
     RetryPolicy,
     Timeout,
     UseClientDefault,
+    is_retryable,
 )
 
 
@@ -37,6 +39,10 @@ async def usage() -> None:
             assert_type(piece, str)
         async for result in client.map(["a"], ordered=True, concurrency=8, max_tokens=5):
             assert_type(result, BatchResult)
+            if result.error is not None:
+                assert_type(is_retryable(result.error, RetryPolicy()), bool)
+        assert_type(client.pool, PoolStats)
+        assert_type(client.pool.slots_in_use, int)
 
 
 def sync_usage() -> None:
@@ -50,6 +56,7 @@ def sync_usage() -> None:
             assert_type(piece, str)
         for result in client.map(["a"], rate_limit=RateLimiter(5), timeout=USE_CLIENT_DEFAULT):
             assert_type(result, BatchResult)
+        assert_type(client.pool.connections_idle, int)
 
 
 def forward(timeout: float | Timeout | UseClientDefault | None = USE_CLIENT_DEFAULT) -> None:
