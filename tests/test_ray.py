@@ -430,3 +430,21 @@ def test_a_generator_refuses_a_second_event_loop() -> None:
     asyncio.run(one_batch(gen))  # an empty batch sends nothing
     with pytest.raises(ClientClosedError, match="one event loop"):
         asyncio.run(one_batch(gen))
+
+
+async def test_make_client_options_builds_unpicklable_options_in_the_actor() -> None:
+    # Telemetry providers cannot be pickled to actors: each actor builds its own.
+    trace = pytest.importorskip("opentelemetry.sdk.trace")
+    export = pytest.importorskip("opentelemetry.sdk.trace.export")
+    memory = pytest.importorskip("opentelemetry.sdk.trace.export.in_memory_span_exporter")
+    exporter = memory.InMemorySpanExporter()
+    provider = trace.TracerProvider()
+    provider.add_span_processor(export.SimpleSpanProcessor(exporter))
+    async with serve(ServerConfig()) as url:
+        gen = Generator(url, make_client_options=lambda: {"tracer_provider": provider})
+        out = await gen(_table(3))
+        await gen.aclose()
+    assert out.column("text").null_count == 0
+    assert len(exporter.get_finished_spans()) == 3
+    with pytest.raises(ConfigError, match="runtime_env"):
+        Generator(url, make_client_options=lambda: {"modal_key": KEY, "modal_secret": SECRET})
