@@ -1,0 +1,140 @@
+"""aiohttp's (and the socket's) errors translated into ours: ``ErrorMap``, the only code of
+the send path that catches them, and the wording of a body that failed."""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Protocol
+
+import aiohttp
+from aiohttp.http_exceptions import ContentEncodingError
+
+from ._exceptions import (
+    ClientClosedError,
+    ConfigError,
+    ConnectError,
+    ContractError,
+    EndpointTimeoutError,
+    ModalLLMError,
+    RedirectError,
+    TransportError,
+)
+
+__all__ = ["ErrorMap", "TransportState"]
+
+
+class TransportState(Protocol):
+    """What ``ErrorMap`` reads of the ``_send.Transport`` it serves."""
+
+    closed: bool
+    endpoint_url: str
+
+
+class ErrorMap:
+    """Translate aiohttp and socket errors raised inside ``with`` into ours.
+
+    ``resp`` (set once the headers are in) tells a first-byte timeout from a read timeout,
+    a drop before any response (safe to retry) from a reply cut short, and gives the byte
+    count and ``Content-Encoding`` of a body that failed.
+    """
+
+    __slots__ = ("resp", "transport", "url")
+
+    def __init__(self, transport: TransportState, url: str) -> None:
+        self.transport = transport
+        self.url = url
+        self.resp: aiohttp.ClientResponse | None = None
+
+    @property
+    def got_headers(self) -> bool:
+        return self.resp is not None
+
+    def __enter__(self) -> ErrorMap:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or isinstance(exc, (ModalLLMError, asyncio.CancelledError)):
+            return
+        if not isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError, RuntimeError)):
+            return
+        raise self.translate(exc) from exc
+
+    def translate(self, exc: BaseException) -> ModalLLMError:
+        url = self.url
+        if self.transport.closed:
+            return ClientClosedError("the client was closed while this call was running", url=url)
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return EndpointTimeoutError("timed out connecting", phase="connect", url=url)
+        if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
+            if self.got_headers:
+                return EndpointTimeoutError(
+                    "timed out reading the reply body", phase="read", url=url
+                )
+            return EndpointTimeoutError(
+                "timed out waiting for the first byte of the reply", phase="first_byte", url=url
+            )
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return ConnectError(f"cannot connect: {exc.os_error or exc}", url=url)
+        if isinstance(exc, aiohttp.InvalidURL):
+            if url != self.transport.endpoint_url:  # a Location the server sent
+                return RedirectError("redirect to an invalid URL", url=self.transport.endpoint_url)
+            return ConfigError(f"invalid URL: {exc}", url=url)
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            return self._payload_error(exc)
+        if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
+            where = "after the reply started" if self.got_headers else "before any reply"
+            return ConnectError(
+                f"connection lost {where}: {_first_line(exc) or type(exc).__name__}",
+                before_response=not self.got_headers,
+                url=url,
+            )
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return ConnectError(
+                f"malformed HTTP reply: {_first_line(exc)}", before_response=False, url=url
+            )
+        if isinstance(exc, RuntimeError) and "closed" in str(exc).lower():
+            return ClientClosedError(f"session closed: {exc}", url=url)
+        if isinstance(exc, RuntimeError):
+            raise exc
+        return TransportError(f"{type(exc).__name__}: {_first_line(exc)}", url=url)
+
+    def _payload_error(self, exc: aiohttp.ClientPayloadError) -> ModalLLMError:
+        """A body that could not be read to its end: undecodable, or cut short.
+
+        aiohttp words both as ``<...Error: 400, message=...>``, a status nobody sent; say
+        what happened instead, with the status that did arrive and the bytes read.
+        """
+        resp, url = self.resp, self.url
+        if isinstance(exc.__cause__, ContentEncodingError) or "content-encoding" in str(exc):
+            encoding = resp.headers.get("Content-Encoding", "?") if resp is not None else "?"
+            return ContractError(
+                f"the reply body cannot be decoded as {encoding.strip()!r} (its "
+                "Content-Encoding): the server sent something else",
+                status_code=None if resp is None else resp.status,
+                url=url,
+            )
+        received = "" if resp is None else f" after {_bytes_read(resp)}"
+        return ConnectError(
+            f"the connection closed mid-body{received}", before_response=False, url=url
+        )
+
+
+def _bytes_read(resp: aiohttp.ClientResponse) -> str:
+    """``"15 of 100 bytes"`` (or ``"15 bytes"`` without a usable Content-Length)."""
+    received = getattr(resp.content, "total_bytes", 0)
+    length = resp.content_length
+    encoded = resp.headers.get("Content-Encoding")
+    if length is not None and not encoded:
+        return f"{received} of {length} bytes"
+    return f"{received} bytes"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
