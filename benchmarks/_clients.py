@@ -17,8 +17,8 @@ import asyncio
 import contextlib
 import json
 import math
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -77,6 +77,39 @@ def _is_good(item: object) -> bool:
             return False
     text = getattr(item, "text", None)
     return text is None or _is_good(text)
+
+
+def _in_threads(call: Callable[[str], object], prompts: Iterable[str], threads: int) -> int:
+    """``threads`` threads share ``call``, each taking the next prompt until none is left;
+    return the good replies. No executor in between: each call's only hand-offs are the
+    client's own, as when a service's request threads share one client."""
+    source = iter(prompts)
+    lock = threading.Lock()
+    good = [0] * threads
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        n = 0
+        try:
+            while True:
+                with lock:
+                    prompt = next(source, None)
+                if prompt is None:
+                    break
+                text = call(prompt)
+                n += isinstance(text, str) and bool(text)
+        except BaseException as exc:
+            errors.append(exc)
+        good[k] = n
+
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return sum(good)
 
 
 def import_modal_llm() -> Any:
@@ -211,11 +244,11 @@ async def open_httpx(url: str, concurrency: int) -> AsyncIterator[AsyncRun]:
 
 @contextlib.contextmanager
 def open_requests(url: str, concurrency: int) -> Iterator[SyncRun]:
-    """requests.Session shared by a thread pool as large as the concurrency."""
+    """requests.Session shared by as many threads as the concurrency."""
     import requests
     from requests.adapters import HTTPAdapter
 
-    with requests.Session() as session, ThreadPoolExecutor(concurrency) as pool:
+    with requests.Session() as session:
         session.mount("http://", HTTPAdapter(pool_connections=1, pool_maxsize=concurrency))
 
         def one(prompt: str) -> object:
@@ -225,7 +258,7 @@ def open_requests(url: str, concurrency: int) -> Iterator[SyncRun]:
             return json.loads(resp.content)["prompt"]
 
         def run(prompts: Iterable[str]) -> int:
-            return count_good(pool.map(one, prompts))
+            return _in_threads(one, prompts, concurrency)
 
         yield run
 
@@ -319,7 +352,9 @@ async def open_mllm_map(
                 results = await results
             good = 0
             async for item in results:
-                good += _is_good(item)
+                # BatchResult.ok and .text: as cheap as raw aiohttp's count of its replies.
+                ok = getattr(item, "ok", None)
+                good += bool(ok and item.text) if ok is not None else _is_good(item)
             return good
 
         yield run
@@ -332,7 +367,7 @@ def open_mllm_map_ordered(url: str, concurrency: int) -> AbstractAsyncContextMan
 
 @contextlib.contextmanager
 def open_mllm_sync(url: str, concurrency: int) -> Iterator[SyncRun]:
-    """modal-llm blocking Client.generate called from a thread pool."""
+    """modal-llm blocking Client shared by as many threads as the concurrency."""
     client_cls = _require(import_modal_llm(), "Client", "modal_llm")
     with contextlib.ExitStack() as stack:
         client = client_cls(url, max_concurrency=concurrency)
@@ -341,10 +376,9 @@ def open_mllm_sync(url: str, concurrency: int) -> Iterator[SyncRun]:
         else:
             stack.callback(client.close)
         generate = _require(client, "generate", "Client")
-        pool = stack.enter_context(ThreadPoolExecutor(concurrency))
 
         def run(prompts: Iterable[str]) -> int:
-            return count_good(pool.map(generate, prompts))
+            return _in_threads(generate, prompts, concurrency)
 
         yield run
 
