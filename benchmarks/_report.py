@@ -668,6 +668,11 @@ def render(data: dict[str, Any], markdown: bool = False) -> str:
         f"pinning: {meta.get('pinning')}",
         f"command: python -m benchmarks {' '.join(meta.get('argv', []))}".rstrip(),
     ]
+    setup += [
+        f"merged from a second invocation: python -m benchmarks {' '.join(m['argv'])} "
+        f"(started {m['started']}, {m['duration_s']:.0f} s)"
+        for m in meta.get("merged", [])
+    ]
     setup += [f"server for {w}: {server}" for w, server in meta.get("servers", {}).items()]
     setup += [f"note: {n}" for n in meta.get("notes", [])]
     if plan.get("profile_dir"):
