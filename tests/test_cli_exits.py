@@ -206,6 +206,55 @@ async def test_sigterm_during_the_demo() -> None:
     ran.one_line_error("interrupted by SIGTERM", prefix="modal-llm: ")
 
 
+def wchan(pid: int) -> str:
+    """Where process ``pid`` sleeps in the kernel (Linux), or skip the test."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        pytest.skip("no /proc/PID/wchan here")
+
+
+async def blocked_reading_a_pipe(pid: int) -> None:
+    """Until process ``pid`` sleeps in a pipe read (``anon_pipe_read``/``pipe_read``)."""
+    for _ in range(3000):
+        if "pipe_read" in wchan(pid):
+            return
+        await asyncio.sleep(0.01)  # polling: no event tells us the child reached read()
+    raise AssertionError("modal-llm never started reading stdin")
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "name"),
+    [(signal.SIGTERM, EXIT_TERMINATED, "SIGTERM"), (signal.SIGINT, EXIT_INTERRUPTED, "Ctrl-C")],
+)
+async def test_a_signal_while_generate_reads_its_prompt_from_stdin(
+    sig: signal.Signals, code: int, name: str
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        str(MODAL_LLM),
+        "generate",
+        "--endpoint",
+        "http://127.0.0.1:9/",
+        "-",
+        stdin=asyncio.subprocess.PIPE,  # left open: the prompt never ends
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+    )
+    try:
+        await blocked_reading_a_pipe(proc.pid)
+        proc.send_signal(sig)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)  # stdin still open
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == code
+    Ran(code, out.decode(), err.decode()).one_line_error(
+        f"interrupted by {name}", prefix="modal-llm: "
+    )
+
+
 # -- (c) one failure, one exit status, whichever command meets it ----------------------------
 
 

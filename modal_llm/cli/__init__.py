@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     handlers: dict[str, Callable[[argparse.Namespace, Interrupts], int]] = {
         "demo": lambda args, interrupts: interrupts.run(_demo.demo(args)),
-        "generate": lambda args, interrupts: interrupts.run(_generate.generate(args)),
+        "generate": _generate.generate,
         "batch": _batch.batch,
     }
     if args.command not in handlers:

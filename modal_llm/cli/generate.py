@@ -8,6 +8,7 @@ from typing import Any
 
 from .._exceptions import StreamInterruptedError
 from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliExit, error_text, make_client
+from .interrupts import Interrupts
 
 __all__ = ["add_parser", "generate"]
 
@@ -42,9 +43,17 @@ def _read_prompt(arg: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-async def generate(args: argparse.Namespace) -> int:
-    """Run ``generate``; return the exit status (errors propagate to ``main``)."""
-    prompt = _read_prompt(args.prompt)
+def generate(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    """Run ``generate``; return the exit status (errors propagate to ``main``).
+
+    The prompt is read before the event loop starts: a blocking read of stdin inside it
+    would outlast Ctrl-C and SIGTERM (they cancel the loop's task, which a read in progress
+    does not see) until stdin ends.
+    """
+    return interrupts.run(_generate(args, _read_prompt(args.prompt)))
+
+
+async def _generate(args: argparse.Namespace, prompt: str) -> int:
     params = dict(args.param)
     out = sys.stdout
     async with make_client(args) as client:
