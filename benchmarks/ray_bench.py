@@ -4,7 +4,7 @@ and the single-process ``modal-llm batch``, clean and with 5 % faults.
 Usage (from the repo root; needs the ``ray`` extra)::
 
     python -m benchmarks.ray_bench                  # 20,000 rows (a few minutes)
-    python -m benchmarks.ray_bench --rows 2000 --ray-processor-rows 500   # a smoke run
+    python -m benchmarks.ray_bench --rows 2000 --ray-processor-rows 200   # a smoke run (*)
     python -m benchmarks.ray_bench --json ray.json
 
 The reference endpoint (``python -m modal_llm.server``) runs in a subprocess and answers
@@ -26,6 +26,9 @@ failed rows, and whether the run aborted. Targets (issue #13): modal_llm.ray ≥
 processor rows/s clean; no aborted run and no lost row with faults; modal_llm.ray's wall
 time within 2.5× the single process's. Exit status 0 when the targets hold.
 The machine's load moves these figures; compare runs from one sitting.
+(*) The targets are for the 20,000-row run: the actors' start (3-5 s here) is a fixed cost,
+so a 2,000-row smoke run checks that everything works but misses the speed targets
+(measured: 15.6x Ray's processor and 3.7x the single process's wall time).
 """
 
 from __future__ import annotations
