@@ -299,6 +299,18 @@ async def test_half_a_credential_names_the_missing_variable(tmp_path: Path) -> N
     assert ran.code == EXIT_CONFIG
     ran.one_line_error("--modal-key was given but not --modal-secret", "$MODAL_LLM_SECRET")
     assert "wk-1" not in ran.err
+    # An empty secret counts as missing (never an empty Modal-Secret header).
+    ran = await modal_llm(
+        "generate",
+        "--modal-key",
+        "wk-1",
+        "--modal-secret",
+        "",
+        "hi",
+        env={"MODAL_LLM_ENDPOINT_URL": "https://x.modal.run/"},
+    )
+    assert ran.code == EXIT_CONFIG
+    ran.one_line_error("--modal-key was given but not --modal-secret", "$MODAL_LLM_SECRET")
 
 
 async def test_a_stream_cut_mid_reply_says_so() -> None:

@@ -300,10 +300,12 @@ def make_client(args: argparse.Namespace, **options: Any) -> AsyncClient:
     """The client described by the endpoint options in ``args``."""
     if not args.endpoint and not os.environ.get(ENV_ENDPOINT_URL):
         raise CliExit(EXIT_CONFIG, f"no endpoint: pass --endpoint URL or set ${ENV_ENDPOINT_URL}")
-    # The library names its own arguments; on the command line they are options.
+    # The library names its own arguments; on the command line they are options. An empty
+    # value counts as missing, as the library counts it.
+    key, secret = args.modal_key or None, args.modal_secret or None
     for given, option, other, env in (
-        (args.modal_key, "--modal-key", args.modal_secret, ENV_SECRET),
-        (args.modal_secret, "--modal-secret", args.modal_key, ENV_KEY),
+        (key, "--modal-key", secret, ENV_SECRET),
+        (secret, "--modal-secret", key, ENV_KEY),
     ):
         if given is not None and other is None and not os.environ.get(env):
             missing = "--modal-secret" if option == "--modal-key" else "--modal-key"
@@ -316,8 +318,8 @@ def make_client(args: argparse.Namespace, **options: Any) -> AsyncClient:
         options["timeout"] = Timeout(args.timeout)
     return AsyncClient(
         args.endpoint or None,
-        modal_key=args.modal_key,
-        modal_secret=args.modal_secret,
+        modal_key=key,
+        modal_secret=secret,
         max_retries=args.max_retries,
         **options,
     )
