@@ -255,6 +255,38 @@ async def test_a_signal_while_generate_reads_its_prompt_from_stdin(
     )
 
 
+async def test_sigterm_while_batch_waits_for_more_stdin(tmp_path: Path) -> None:
+    """The stdin reader thread is blocked in a read: the process still ends cleanly (it
+    used to abort at shutdown, "could not acquire lock for <stdin>")."""
+    posted = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.Response:
+        body = await request.json()
+        posted.set()
+        return web.json_response({"prompt": toy_generate(body["prompt"])})
+
+    app = web.Application()
+    app.router.add_post("/", answer)
+    output = tmp_path / "out.jsonl"
+    async with serve(app) as url:
+        proc = await asyncio.create_subprocess_exec(
+            str(MODAL_LLM),
+            *("batch", "-", "-o", str(output), "--endpoint", url),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli_env(),
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(b'{"id": "a", "prompt": "one"}\n')  # then no more, and no EOF
+        await proc.stdin.drain()
+        await asyncio.wait_for(posted.wait(), 30)
+        ran = await finish(proc, signal.SIGTERM)
+    assert ran.code == EXIT_TERMINATED, ran.err
+    line = ran.one_line_error("interrupted by SIGTERM", prefix="modal-llm: ")
+    assert "rerun the same command to resume" in line
+
+
 # -- (c) one failure, one exit status, whichever command meets it ----------------------------
 
 

@@ -199,7 +199,7 @@ def _batch(args: argparse.Namespace, state: _Run, interrupts: Interrupts) -> int
             rows = parquet_rows(args.input)
         else:
             stream = _open_input(args.input)
-            if stream is not sys.stdin.buffer:
+            if args.input != "-":
                 stack.callback(stream.close)
             if args.input != "-" and os.path.isfile(args.input):
                 try:
@@ -241,6 +241,8 @@ def _batch(args: argparse.Namespace, state: _Run, interrupts: Interrupts) -> int
                 run_on_ray(args, client, source, sink, progress, state, run=interrupts.run)
             else:
                 interrupts.run(_run_batch(args, client, source, sink, progress, state))
+            if stream is not None and args.input == "-" and stream is not sys.stdin.buffer:
+                stream.close()  # read to its end: no reader thread holds it any more
         except CliExit as exc:
             if sink.written and args.output != "-":
                 exc.message += (
@@ -263,7 +265,14 @@ def _batch(args: argparse.Namespace, state: _Run, interrupts: Interrupts) -> int
 
 def _open_input(path: str) -> Any:
     if path == "-":
-        return sys.stdin.buffer
+        # A reader of our own over a copy of fd 0: the thread that reads a pipe may still be
+        # blocked in it after Ctrl-C or SIGTERM, holding its lock, and the interpreter's
+        # shutdown aborts ("could not acquire lock for <stdin>") if that is sys.stdin's.
+        # It is closed only once read to its end (closing waits for that lock).
+        try:
+            return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+        except (OSError, ValueError):  # io.UnsupportedOperation: a stdin without a file
+            return sys.stdin.buffer
     try:
         return open(path, "rb")
     except OSError as exc:

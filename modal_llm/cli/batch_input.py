@@ -2,7 +2,7 @@
 
 INPUT is JSONL, plain text (one prompt per line) or Parquet (``parquet.py``). A regular
 file is scanned once before anything is sent (duplicate ids are refused there, and the
-count feeds the progress bar); stdin is read a chunk of lines at a time in a daemon thread,
+count feeds the progress bar); stdin is read as its lines arrive, in a daemon thread,
 so a slow producer never blocks the event loop, and its ids are checked as they come.
 """
 
@@ -233,36 +233,44 @@ def scan_lines(stream: IO[bytes], fmt: str, check: IdCheck) -> tuple[str, int]:
 
 
 async def _stdin_chunks(stream: IO[bytes]) -> AsyncIterator[list[bytes]]:
-    """Read a pipe in a daemon thread, one chunk of lines at a time, so that a slow producer
-    never blocks the event loop and an abort never waits for more input."""
+    """Read a pipe in a daemon thread, whatever has arrived at a time (``read1``), so that
+    a slow producer never blocks the event loop, each whole line is sent as soon as it
+    arrives (``readlines(hint)`` waited for 64 KiB or the end), and an abort never waits
+    for more input."""
     loop = asyncio.get_running_loop()
+    read1 = getattr(stream, "read1", stream.read)
+    pending = b""
     while True:
-        future: asyncio.Future[list[bytes]] = loop.create_future()
+        future: asyncio.Future[bytes] = loop.create_future()
 
-        def read(future: asyncio.Future[list[bytes]] = future) -> None:
+        def read(future: asyncio.Future[bytes] = future) -> None:
             try:
-                outcome = functools.partial(_settle, future, stream.readlines(_READ_CHUNK), None)
+                outcome = functools.partial(_settle, future, read1(_READ_CHUNK), None)
             except BaseException as exc:  # handed to the event loop, raised there
                 outcome = functools.partial(_settle, future, None, exc)
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 loop.call_soon_threadsafe(outcome)
 
         threading.Thread(target=read, name="modal-llm-stdin", daemon=True).start()
-        lines = await future
-        if not lines:
+        data = await future
+        if not data:  # the end: a last line without its newline is still a line
+            if pending:
+                yield [pending]
             return
-        yield lines
+        pending += data
+        end = pending.rfind(b"\n") + 1
+        if end:
+            whole, pending = pending[:end], pending[end:]
+            yield [line + b"\n" for line in whole[:-1].split(b"\n")]
 
 
-def _settle(
-    future: asyncio.Future[list[bytes]], lines: list[bytes] | None, exc: BaseException | None
-) -> None:
+def _settle(future: asyncio.Future[bytes], data: bytes | None, exc: BaseException | None) -> None:
     if future.done():
         return
     if exc is not None:
         future.set_exception(exc)
     else:
-        future.set_result(lines or [])
+        future.set_result(data or b"")
 
 
 async def _file_chunks(stream: IO[bytes]) -> AsyncIterator[list[bytes]]:
