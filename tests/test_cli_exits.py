@@ -94,6 +94,22 @@ def test_every_bad_serve_value_is_one_usage_line(
     )
 
 
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--modal-key", "wk-1"], "--modal-key needs --modal-secret too"),
+        (["--modal-secret", "ws-1"], "--modal-secret needs --modal-key too"),
+    ],
+)
+def test_half_a_serve_credential_names_the_flags(
+    capsys: pytest.CaptureFixture[str], flags: list[str], needle: str
+) -> None:
+    assert main(["serve", "--port", "0", *flags]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    Ran(EXIT_USAGE, "", err).one_line_error(needle, prefix="modal-llm serve: error: ")
+    assert "1" not in err  # the value given is not echoed
+
+
 @pytest.mark.parametrize(("command", "flag", "value", "needle"), CLIENT_BAD_VALUES)
 def test_every_bad_client_value_is_one_usage_line(
     capsys: pytest.CaptureFixture[str],

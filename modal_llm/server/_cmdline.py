@@ -151,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed (one line)
         return exc.code if isinstance(exc.code, int) else 2
+    if (args.modal_key is None) != (args.modal_secret is None):  # named as flags, not fields
+        given, missing = "--modal-key", "--modal-secret"
+        if args.modal_key is None:
+            given, missing = missing, given
+        print(f"{parser.prog}: error: {given} needs {missing} too", file=sys.stderr)
+        return 2
     try:
         config = config_from_args(args)
     except ConfigError as exc:
