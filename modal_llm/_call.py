@@ -8,8 +8,6 @@ import itertools
 import os
 from typing import TYPE_CHECKING, Any, Final
 
-from pydantic_core import PydanticSerializationError, to_json
-
 from ._auth import credential_headers, secret_values
 from ._config import TimeoutTypes, UseClientDefault, coerce_timeout, validate_headers
 from ._exceptions import (
@@ -22,6 +20,8 @@ from ._hooks import AttemptHook, CallHooks
 from ._types import HeaderTypes
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import aiohttp
 
     from ._config import ClientOptions
@@ -151,14 +151,21 @@ class CallFactory:
         "_attempt_hooks",
         "_failure_hooks",
         "_headers",
+        "_json_error",
         "_key_counter",
         "_key_prefix",
         "_options",
         "_stream_headers",
+        "_to_json",
         "secrets",
     )
 
     def __init__(self, options: ClientOptions) -> None:
+        # pydantic-core loads with the first client, not on ``import modal_llm`` (~9 ms).
+        from pydantic_core import PydanticSerializationError, to_json
+
+        self._to_json: Callable[[Any], bytes] = to_json
+        self._json_error: type[Exception] = PydanticSerializationError
         self._options = options
         self._aio_timeout = options.timeout.to_aiohttp(streaming=False)
         self._aio_stream_timeout = options.timeout.to_aiohttp(streaming=True)
@@ -198,8 +205,8 @@ class CallFactory:
         if streaming and flag is not None:
             payload[flag] = True
         try:
-            body = to_json(payload)
-        except PydanticSerializationError as exc:
+            body = self._to_json(payload)
+        except self._json_error as exc:
             raise ConfigError(f"model arguments are not JSON-serializable: {exc}") from None
         base = self._stream_headers if streaming else self._headers
         kind = "stream" if streaming else "unary"
