@@ -8,7 +8,8 @@ requests, 303 polls, stream openings): it masks each attempt's error and emits i
 ``AttemptEvent``.
 
 The first attempt runs outside tenacity; tenacity is only built once something failed, so
-a request that succeeds costs nothing here.
+a request that succeeds costs nothing here. It is imported then too, not on ``import
+modal_llm``: the wait and stop rules below are plain callables, as tenacity allows.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import tenacity as _t
-
 from ._config import RetryPolicy
 from ._exceptions import (
     ConnectError,
@@ -32,6 +31,8 @@ from ._exceptions import (
 )
 
 if TYPE_CHECKING:
+    from tenacity import RetryCallState
+
     from ._hooks import CallHooks
 
 __all__ = ["is_retryable", "parse_retry_after", "retry_call", "retry_failed", "send_with_retries"]
@@ -89,7 +90,7 @@ def is_retryable(error: BaseException, policy: RetryPolicy) -> bool:
     return False
 
 
-class _wait_backoff(_t.wait.wait_base):
+class _wait_backoff:
     """Exponential backoff with additive jitter, capped: see ``RetryPolicy``.
 
     Written here rather than ``tenacity.wait_exponential(...) + wait_random(...)``: tenacity
@@ -104,19 +105,19 @@ class _wait_backoff(_t.wait.wait_base):
         self.maximum = maximum
         self.jitter = jitter
 
-    def __call__(self, retry_state: _t.RetryCallState) -> float:
+    def __call__(self, retry_state: RetryCallState) -> float:
         exponent = min(retry_state.attempt_number - 1, 62)
         delay = self.initial * 2.0**exponent + random.uniform(0, self.jitter)
         return max(0.0, min(delay, self.maximum))
 
 
-class _wait_retry_after(_t.wait.wait_base):
+class _wait_retry_after:
     """Wait what the server asked for (Retry-After), else defer to the fallback backoff."""
 
-    def __init__(self, fallback: _t.wait.wait_base) -> None:
+    def __init__(self, fallback: _wait_backoff) -> None:
         self.fallback = fallback
 
-    def __call__(self, retry_state: _t.RetryCallState) -> float:
+    def __call__(self, retry_state: RetryCallState) -> float:
         outcome = retry_state.outcome
         error = outcome.exception() if outcome is not None else None
         if isinstance(error, StatusError) and error.retry_after is not None:
@@ -124,18 +125,25 @@ class _wait_retry_after(_t.wait.wait_base):
         return self.fallback(retry_state)
 
 
-class _stop_at_deadline(_t.stop.stop_base):
-    """Stop when the upcoming sleep would end past the deadline (a loop-clock time)."""
+class _stop_rule:
+    """Stop after ``attempts`` attempts, or when the upcoming sleep would end past the
+    deadline (a loop-clock time), if there is one."""
 
-    def __init__(self, deadline_at: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, attempts: int, deadline_at: float | None, clock: Callable[[], float]
+    ) -> None:
+        self.attempts = attempts
         self.deadline_at = deadline_at
         self.clock = clock
 
-    def __call__(self, retry_state: _t.RetryCallState) -> bool:
-        return self.clock() + retry_state.upcoming_sleep >= self.deadline_at
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        if retry_state.attempt_number >= self.attempts:
+            return True
+        deadline_at = self.deadline_at
+        return deadline_at is not None and self.clock() + retry_state.upcoming_sleep >= deadline_at
 
 
-def _log_retry(retry_state: _t.RetryCallState) -> None:
+def _log_retry(retry_state: RetryCallState) -> None:
     outcome = retry_state.outcome
     error = outcome.exception() if outcome is not None else None
     status = getattr(error, "status_code", None)
@@ -164,11 +172,9 @@ async def retry_call(
     final error is re-raised with ``.attempts`` set. ``on_retry(error, wait)`` runs once a
     failed attempt is to be retried, before the sleep of ``wait`` seconds.
     """
-    stop: _t.stop.stop_base = _t.stop_after_attempt(policy.max_retries + 1)
-    if deadline_at is not None:
-        stop = stop | _stop_at_deadline(deadline_at, clock)
+    import tenacity  # only once an attempt failed: never on ``import modal_llm``
 
-    def before_sleep(retry_state: _t.RetryCallState) -> None:
+    def before_sleep(retry_state: RetryCallState) -> None:
         _log_retry(retry_state)
         outcome = retry_state.outcome
         if on_retry is not None and outcome is not None:
@@ -176,10 +182,10 @@ async def retry_call(
             if error is not None:
                 on_retry(error, retry_state.upcoming_sleep)
 
-    retrying = _t.AsyncRetrying(
-        stop=stop,
+    retrying = tenacity.AsyncRetrying(
+        stop=_stop_rule(policy.max_retries + 1, deadline_at, clock),
         wait=_wait_retry_after(_wait_backoff(policy.wait_initial, policy.wait_max, policy.jitter)),
-        retry=_t.retry_if_exception(lambda e: is_retryable(e, policy)),
+        retry=tenacity.retry_if_exception(lambda e: is_retryable(e, policy)),
         before_sleep=before_sleep,
         reraise=True,
     )
