@@ -9,7 +9,10 @@ from ._exceptions import ConfigError
 
 __all__ = ["validate_endpoint_url"]
 
-_HOST_LABEL = re.compile(r"[A-Za-z0-9_\-\u0080-\U0010ffff]+")  # ASCII, or an IDN label
+# A host label: ASCII letters, digits, "_" and "-", or any non-ASCII (IDN) character. Spelt
+# as the ASCII characters it refuses: the same set as [A-Za-z0-9_\-\u0080-\U0010ffff], whose
+# range takes re 1.5 ms to compile on every ``import modal_llm``; this takes 0.1 ms.
+_HOST_LABEL = re.compile(r"[^\x00-\x2c./:-@\[-\^`{-\x7f]+")
 _UNSAFE_IN_URL = re.compile(r"[\x00-\x20\x7f]")
 
 

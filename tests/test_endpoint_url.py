@@ -106,3 +106,19 @@ def test_a_half_credential_names_what_is_missing_and_where_it_was_read(
     for needle in needles:
         assert needle in str(info.value)
     assert "wk-1" not in str(info.value) and "ws-1" not in str(info.value)
+
+
+def test_a_host_label_allows_ascii_letters_digits_dash_underscore_and_any_non_ascii() -> None:
+    # The label pattern is spelt as the ASCII it refuses (a fast compile on import); this
+    # pins it to the set it stands for, character by character.
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+    for code in [*range(0x100), 0x7FF, 0xD7FF, 0xD800, 0xE000, 0xFFFF, 0x10000, 0x10FFFF]:
+        char = chr(code)
+        host = f"a{char}b.example"
+        if char in "./?#@:[]":
+            continue  # they end the label or the host: other checks apply
+        if char in allowed or code >= 0x80:
+            AsyncClient(f"http://{host}/")
+        else:
+            with pytest.raises(ConfigError):
+                AsyncClient(f"http://{host}/")
