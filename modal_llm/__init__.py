@@ -10,8 +10,10 @@ Usage::
 
 from __future__ import annotations
 
+from importlib import import_module as _import_module
 from typing import TYPE_CHECKING, Any
 
+from ._batch import BatchItem, BatchResult
 from ._client import AsyncClient
 from ._config import (
     DEFAULT_MAX_CONCURRENCY,
@@ -46,15 +48,12 @@ from ._exceptions import (
     StreamInterruptedError,
     TransportError,
 )
-from ._fanout import BatchItem, BatchResult
 from ._hooks import AttemptEvent, AttemptHook
 from ._logs import setup_logging as _setup_logging
 from ._pacing import AdaptiveConcurrency, RateLimiter
 from ._retry import is_retryable
 from ._run import run
 from ._send import PoolStats
-from ._streaming import TextStream
-from ._sync import Client
 
 __all__ = [
     "DEFAULT_MAX_CONCURRENCY",
@@ -104,11 +103,23 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ._models import Completion
+    from ._streaming import TextStream
+    from ._sync import Client
 
 _setup_logging()  # MODAL_LLM_LOG=info|debug, like OPENAI_LOG
 
+# Public names whose modules load on first use, not on ``import modal_llm`` (PEP 562):
+# pydantic's model machinery with the first reply, the blocking Client's event-loop thread
+# with the first Client, the stream machinery with the first stream.
+_LAZY: dict[str, str] = {"Client": "_sync", "Completion": "_models", "TextStream": "_streaming"}
+
 
 def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(_import_module(f"{__name__}.{module}"), name)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
     # Served lazily so that importing the package never reads distribution metadata.
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
@@ -117,13 +128,8 @@ def __getattr__(name: str) -> Any:
             return version("modal-llm")
         except PackageNotFoundError:
             return "0.0.0+unknown"
-    if name == "Completion":
-        # Lazy: pydantic's model machinery loads with the first reply, not on import.
-        from ._models import Completion
-
-        return Completion
     raise AttributeError(f"module 'modal_llm' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "Completion", "__version__"})
+    return sorted({*globals(), *_LAZY, "__version__"})

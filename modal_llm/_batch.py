@@ -1,15 +1,65 @@
-"""Bounded fan-out: run a coroutine function over many inputs with a fixed worker window."""
+"""Batches: the fan-out's public value types, and ``generate_many``'s bounded gather.
+
+``BatchItem``, ``BatchResult`` and their aliases live here rather than in ``_fanout`` (the
+engine behind ``map``) so that ``import modal_llm`` need not load the engine.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sized
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sized
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-__all__ = ["gather_bounded"]
+from ._exceptions import ModalLLMError
+
+__all__ = ["BatchItem", "BatchResult", "ProgressCallback", "PromptLike", "gather_bounded"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One request of a fan-out: a prompt with its own id and model arguments.
+
+    ``extra`` is merged over the call's shared keyword arguments. The result's ``id`` is
+    ``id``, or the item's index when ``id`` is None.
+    """
+
+    prompt: str
+    id: Hashable | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+PromptLike = str | BatchItem | Mapping[str, Any]
+"""One input of a fan-out: a prompt, a ``BatchItem``, or a mapping with ``"prompt"``."""
+ProgressCallback = Callable[[int, int | None, int], None]
+"""``on_progress(done, total_or_None, failed)``, called after each result."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """The outcome of one item: ``text`` or ``error``, never both.
+
+    ``index`` is the item's 0-based position in the input; ``id`` is its own id or, when it
+    had none, ``index``. ``attempts`` counts HTTP attempts of the POST (0 when nothing was
+    sent); ``latency`` is seconds from sending the first attempt to the outcome, retries and
+    backoff included.
+    """
+
+    index: int
+    id: Hashable
+    prompt: str
+    text: str | None
+    error: ModalLLMError | None
+    attempts: int
+    latency: float
+
+    @property
+    def ok(self) -> bool:
+        """True when the item produced text."""
+        return self.error is None
 
 
 async def gather_bounded(

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, 
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
-from ._batch import gather_bounded
+from ._batch import BatchItem, BatchResult, ProgressCallback, PromptLike, gather_bounded
 from ._call import Call, Redirect, deadline_error
 from ._config import (
     USE_CLIENT_DEFAULT,
@@ -29,25 +29,17 @@ from ._exceptions import (
     ModalLLMError,
     mask_error,
 )
-from ._fanout import (
-    BatchItem,
-    BatchResult,
-    FanOutPlan,
-    ProgressCallback,
-    PromptLike,
-    fan_out,
-)
 from ._hooks import AttemptHook, CallHooks
 from ._lifecycle import PooledClient, State
-from ._pacing import AdaptiveConcurrency, RateLimiter
+from ._pacing import AdaptiveConcurrency, RateLimiter  # map()'s signature: get_type_hints
 from ._stop import StopMatcher, normalize_stop
-from ._streaming import StreamState, TextStream, stream_pieces
 from ._types import HeaderTypes, StopTypes
 from ._unary import follow, post_and_follow
 
 if TYPE_CHECKING:
     from ._models import Completion
     from ._otel import CallScope
+    from ._streaming import TextStream  # loaded by the first stream(), not on import
 
 __all__ = ["AsyncClient"]
 
@@ -230,6 +222,8 @@ class AsyncClient(PooledClient):
         or ``window``: the client's cap is the one rule, never lowered silently.
         See docs/batch.md.
         """
+        from ._fanout import FanOutPlan, fan_out  # once per map(), not on import
+
         plan = FanOutPlan.build(
             cap=self._options.max_concurrency,
             ordered=ordered,
@@ -298,6 +292,8 @@ class AsyncClient(PooledClient):
         slot; without it, close an unfinished stream with ``await pieces.aclose()``. Nothing
         is sent until the first piece is asked for.
         """
+        from ._streaming import StreamState, TextStream, stream_pieces  # not on import
+
         stops = normalize_stop(stop)
         call = self._calls.request(prompt, headers, timeout, extra, None, streaming=True)
         if self._telemetry is not None or self._state is State.UNOPENED:

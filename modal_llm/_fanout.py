@@ -27,76 +27,26 @@ from collections.abc import (
     Mapping,
     Sized,
 )
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final
+from typing import Final
 
+from ._batch import BatchItem, BatchResult, ProgressCallback, PromptLike
 from ._exceptions import ConfigError, ModalLLMError
 from ._hooks import AttemptEvent, AttemptHook
 from ._pacing import AdaptiveConcurrency, RateLimiter
 from ._progress import Progress
 
-__all__ = [
-    "BatchItem",
-    "BatchResult",
-    "FanOutPlan",
-    "ProgressCallback",
-    "PromptLike",
-    "Send",
-    "fan_out",
-]
+__all__ = ["FanOutPlan", "Send", "fan_out"]
 
 DEFAULT_WINDOW_FACTOR: Final = 2
 """The default ``window`` is this many times the concurrency."""
-
-
-@dataclass(frozen=True, slots=True)
-class BatchItem:
-    """One request of a fan-out: a prompt with its own id and model arguments.
-
-    ``extra`` is merged over the call's shared keyword arguments. The result's ``id`` is
-    ``id``, or the item's index when ``id`` is None.
-    """
-
-    prompt: str
-    id: Hashable | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-
-PromptLike = str | BatchItem | Mapping[str, Any]
-"""One input of a fan-out: a prompt, a ``BatchItem``, or a mapping with ``"prompt"``."""
-ProgressCallback = Callable[[int, int | None, int], None]
-"""``on_progress(done, total_or_None, failed)``, called after each result."""
 
 
 Send = Callable[[BatchItem, AttemptHook | None], Awaitable[tuple[str, int]]]
 """``await send(item, on_attempt)``: one logical call for ``item``; returns ``(text,
 attempts)`` or raises ``ModalLLMError``. ``on_attempt``, when not None, must see every
 attempt of that call (``AsyncClient._complete(..., on_attempt=...)``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class BatchResult:
-    """The outcome of one item: ``text`` or ``error``, never both.
-
-    ``index`` is the item's 0-based position in the input; ``id`` is its own id or, when it
-    had none, ``index``. ``attempts`` counts HTTP attempts of the POST (0 when nothing was
-    sent); ``latency`` is seconds from sending the first attempt to the outcome, retries and
-    backoff included.
-    """
-
-    index: int
-    id: Hashable
-    prompt: str
-    text: str | None
-    error: ModalLLMError | None
-    attempts: int
-    latency: float
-
-    @property
-    def ok(self) -> bool:
-        """True when the item produced text."""
-        return self.error is None
 
 
 class _Crash:

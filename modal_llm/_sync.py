@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, Generator, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
+from ._batch import BatchResult, ProgressCallback, PromptLike
 from ._client import AsyncClient
 from ._config import (
     USE_CLIENT_DEFAULT,
@@ -23,7 +24,6 @@ from ._config import (
     UseClientDefault,
 )
 from ._exceptions import ClientClosedError, ModalLLMError, redact_url
-from ._fanout import BatchResult, ProgressCallback, PromptLike
 from ._pacing import AdaptiveConcurrency, RateLimiter
 from ._portal import CLOSED_MESSAGE, LoopThread
 from ._send import PoolStats

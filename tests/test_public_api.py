@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import modal_llm
 
 
@@ -49,3 +51,45 @@ def test_run_uses_the_default_loop_when_uvloop_is_refused() -> None:
         return type(asyncio.get_running_loop()).__module__
 
     assert modal_llm.run(loop_name(), uvloop=False).startswith("asyncio")
+
+
+LAZY_MODULES = (
+    # Loaded by what needs them, never by ``import modal_llm`` (issue 17: import time).
+    "pydantic",  # the first reply (Completion)
+    "pydantic_core",  # the first client (request bodies)
+    "tenacity",  # the first retry
+    "modal_llm._models",
+    "modal_llm._fanout",  # the first map()
+    "modal_llm._progress",
+    "modal_llm._streaming",  # the first stream()
+    "modal_llm._sync",  # the first Client
+    "modal_llm._portal",
+)
+
+
+def test_import_leaves_what_a_first_call_needs_for_later() -> None:
+    code = (
+        "import sys, modal_llm; "
+        f"print([m for m in {LAZY_MODULES!r} if m in sys.modules]); "
+        "print(sorted(n for n in modal_llm.__all__ if n not in vars(modal_llm)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded, deferred = out.stdout.splitlines()
+    assert loaded == "[]"
+    assert deferred == "['Client', 'Completion', 'TextStream']"
+
+
+def test_every_public_name_resolves_from_a_fresh_interpreter() -> None:
+    code = (
+        "import modal_llm; "
+        "from modal_llm import *; "
+        "names = modal_llm.__all__; "
+        "assert all(globals()[n] is getattr(modal_llm, n) for n in names); "
+        "assert set(names) <= set(dir(modal_llm)); "
+        "print(sorted({getattr(modal_llm, n).__module__ for n in names "
+        "if isinstance(getattr(modal_llm, n), type)}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "modal_llm._sync" in out.stdout and "modal_llm._models" in out.stdout
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        modal_llm.Nope  # noqa: B018

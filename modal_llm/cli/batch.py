@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .._argtypes import MAX_CONCURRENCY, count, per_second
+from .._batch import BatchResult
 from .._client import AsyncClient
 from .._config import DEFAULT_MAX_CONCURRENCY
 from .._exceptions import (
@@ -27,7 +28,6 @@ from .._exceptions import (
     ModalLLMError,
     ReplyTooLargeError,
 )
-from .._fanout import BatchResult
 from .._hooks import AttemptEvent, AttemptHook
 from .._progress import INSTALL_HINT, Progress
 from .batch_input import BatchInput, IdCheck, check_paths, is_parquet, os_problem, scan_lines

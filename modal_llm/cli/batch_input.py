@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
-from .._fanout import BatchItem
+from .._batch import BatchItem
 from .._progress import Progress
 from .common import EXIT_USAGE, CliExit, one_line
 

@@ -9,8 +9,8 @@ import os
 import sys
 from typing import IO, Any
 
+from .._batch import BatchResult
 from .._exceptions import StatusError
-from .._fanout import BatchResult
 from .batch_input import id_key, os_problem
 from .common import EXIT_USAGE, CliExit, error_text, silence_stdout
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .._argtypes import MAX_CONCURRENCY, count
+from .._batch import BatchResult
 from .._client import AsyncClient
 from .._config import RetryPolicy
 from .._exceptions import ModalLLMError, StatusError
-from .._fanout import BatchResult
 from .._hooks import AttemptEvent, AttemptHook
 from .._progress import INSTALL_HINT, Progress
 from .common import EXIT_OK

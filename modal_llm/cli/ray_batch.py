@@ -21,9 +21,9 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
+from .._batch import BatchItem
 from .._client import AsyncClient
 from .._config import ENV_KEY, ENV_SECRET
-from .._fanout import BatchItem
 from .._progress import Progress
 from .._run import run
 from .batch_input import BatchInput
