@@ -3,15 +3,19 @@
 ``LoopThread.call`` ships a coroutine function to the loop and blocks the calling thread
 until it settles (starlette's ``TestClient`` idea turned around). Thread hand-offs are
 batched both ways, since waking a thread is the costly part of a blocking call: see
-``LoopThread._start_queued``. Strictly private; ``Client`` (``_sync.py``) is its one user.
+``LoopThread._start_queued`` and ``_FdWaiter``. Strictly private; ``Client``
+(``_sync.py``) is its one user.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import select
 import sys
 import threading
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -37,38 +41,115 @@ _WAIT_SLICE: Final = 0.25 if sys.platform == "win32" else None
 CLOSED_MESSAGE: Final = "Cannot use a closed client; create a new one."
 
 
+class _FdWaiter:
+    """An eventfd a blocked caller sleeps on (Linux); reused by later calls, any thread's.
+
+    Why not a lock: releasing a lock wakes its waiter while the loop holds the GIL, so the
+    woken thread preempts the loop, finds the GIL taken and sleeps again: two wasted
+    thread switches per call. ``os.eventfd_write`` releases the GIL around the write, so
+    the woken caller runs at once. A wake-up that comes late (after a Ctrl-C gave up
+    waiting) cannot end a later call's wait early: callers re-check ``_Job.finished``.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC)
+
+    def wake(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def wait(self, timeout: float | None = None) -> None:
+        if timeout is not None:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            if not poller.poll(max(0, int(timeout * 1000))):
+                return
+        os.eventfd_read(self.fd)  # resets the count: several wake-ups are one
+
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # Only once no job refers to it, so the loop never writes to a closed (reused) fd.
+        _close(self.fd)
+
+
+class _LockWaiter:
+    """One call's wake-up where there is no eventfd (or no budget for one more)."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()  # released once, by wake()
+
+    def wake(self) -> None:
+        self.lock.release()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if timeout is not None:
+            self.lock.acquire(timeout=timeout)
+        elif _WAIT_SLICE is None:
+            self.lock.acquire()
+        else:
+            while not self.lock.acquire(timeout=_WAIT_SLICE):
+                pass
+
+
+_Waiter = _FdWaiter | _LockWaiter
+
+
+def _fd_waiter_budget() -> int:
+    """How many eventfds a portal may keep: a quarter of the file descriptor limit (the
+    rest stays for connections); none where ``os.eventfd`` is missing."""
+    if not hasattr(os, "eventfd"):
+        return 0
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 256 if soft == resource.RLIM_INFINITY else soft // 4
+
+
 def _wait_for_result(job: _Job) -> None:
     """Block until the loop has settled ``job``; the one place a Ctrl-C reaches a caller."""
-    if _WAIT_SLICE is None:
-        job.done.acquire()
-        return
-    while not job.done.acquire(timeout=_WAIT_SLICE):
-        pass
+    waiter = job.waiter
+    while not job.finished:
+        waiter.wait()
 
 
 class _Job:
     """One blocking call on its way through the loop: what to run, and its outcome."""
 
-    __slots__ = ("args", "done", "error", "fn", "kwargs", "result", "task")
+    __slots__ = ("args", "error", "finished", "fn", "kwargs", "result", "task", "waiter")
 
-    def __init__(self, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any) -> None:
+    def __init__(
+        self, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, waiter: _Waiter
+    ) -> None:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.result: Any = None
         self.error: BaseException | None = None
         self.task: asyncio.Task[None] | None = None
-        self.done = threading.Lock()
-        self.done.acquire()  # released once, by finish(), when the outcome is known
+        self.waiter = waiter
+        self.finished = False  # set once, by finish(), when the outcome is known
 
     def finish(self) -> None:
         self.fn = self.args = self.kwargs = None  # type: ignore[assignment]
-        self.done.release()
+        self.finished = True
+        self.waiter.wake()
 
     def cancel(self) -> None:
         """On the loop: Ctrl-C in the caller (its task exists: it was queued first)."""
         if self.task is not None:
             self.task.cancel()
+
+    def wait_unwound(self, timeout: float) -> None:
+        """After a Ctrl-C: give the cancelled call up to ``timeout`` seconds to settle."""
+        deadline = time.monotonic() + timeout
+        while not self.finished:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.waiter.wait(left)
 
 
 class LoopThread:
@@ -86,6 +167,9 @@ class LoopThread:
         self._queue: list[_Job] = []  # calls submitted, not yet started on the loop
         self._wake_scheduled = False  # a _start_queued is on its way to the loop
         self._finished: list[_Job] = []  # settled on the loop, callers not yet woken
+        self._spare: list[_FdWaiter] = []  # eventfds of calls that have returned
+        self._fd_waiters = 0  # eventfds made (under _submit), at most _fd_budget
+        self._fd_budget = _fd_waiter_budget()
         self._thread = threading.Thread(target=self._run, name="modal-llm-loop", daemon=True)
         self._thread.start()
 
@@ -110,6 +194,7 @@ class LoopThread:
                     job.error = asyncio.CancelledError()
                     job.finish()
                 self._release_finished()
+                self._spare.clear()  # their eventfds close (those still in use, once woken)
 
     @property
     def in_loop_thread(self) -> bool:
@@ -123,10 +208,11 @@ class LoopThread:
         """
         if self.in_loop_thread:  # it would wait for itself forever
             raise RuntimeError("a blocking Client call cannot run on the client's own loop")
-        job = _Job(fn, args, kwargs)
         with self._submit:
             if self.closed:
                 raise ClientClosedError(CLOSED_MESSAGE)
+            waiter = self._spare.pop() if self._spare else self._new_waiter()
+            job = _Job(fn, args, kwargs, waiter)
             self._queue.append(job)
             if not self._wake_scheduled:
                 self._wake_scheduled = True
@@ -136,8 +222,10 @@ class LoopThread:
         except KeyboardInterrupt:
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 self.loop.call_soon_threadsafe(job.cancel)
-            job.done.acquire(timeout=CANCEL_GRACE)
+            job.wait_unwound(CANCEL_GRACE)
             raise
+        if isinstance(waiter, _FdWaiter):  # not after a Ctrl-C: a late wake-up may come
+            self._keep_spare(waiter)
         error = job.error
         if error is None:
             return job.result  # type: ignore[no-any-return]
@@ -146,6 +234,23 @@ class LoopThread:
             raise ClientClosedError("the client was closed while this call was running") from None
         job.error = None  # no reference cycle through the traceback
         raise error
+
+    def _keep_spare(self, waiter: _FdWaiter) -> None:
+        """Keep a returned call's eventfd for the next call, unless the portal has closed."""
+        self._spare.append(waiter)
+        if self.closed:  # stop() may have emptied the list already: close it here
+            self._spare.clear()
+
+    def _new_waiter(self) -> _Waiter:
+        """Under ``_submit``: an eventfd for one more caller, or a lock past the budget."""
+        if self._fd_waiters < self._fd_budget:
+            try:
+                waiter = _FdWaiter()
+            except OSError:  # out of file descriptors after all
+                return _LockWaiter()
+            self._fd_waiters += 1
+            return waiter
+        return _LockWaiter()
 
     # Hand-offs are batched both ways: callers queue their calls and only the first of a
     # batch wakes the loop (call_soon_threadsafe writes to the loop's self-pipe); finished
@@ -203,6 +308,7 @@ class LoopThread:
         finally:
             loop.call_soon_threadsafe(loop.stop)
         self._thread.join(CLOSE_TIMEOUT)
+        self._spare.clear()
 
     def close_stream(self, agen: AsyncGenerator[Any, None]) -> None:
         """Close an abandoned stream's async generator (and so its HTTP response)."""

@@ -1,0 +1,161 @@
+"""How a blocking ``Client`` call waits for the loop thread: eventfds, their lock fallback.
+
+On Linux a caller sleeps on an eventfd the portal keeps for later calls (woken without the
+loop holding the GIL); past a budget, or where there is no eventfd, it sleeps on a lock.
+Either way each thread gets its own outcome, Ctrl-C interrupts the wait, and closing the
+client closes every eventfd. Over real HTTP on 127.0.0.1 (``ThreadedEndpoint``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import gc
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from modal_llm import Client, StatusError, _portal
+
+from .endpoints import WAIT, ThreadedEndpoint
+
+needs_eventfd = pytest.mark.skipif(
+    not hasattr(os, "eventfd") or not Path("/proc/self/fd").is_dir(),
+    reason="eventfd waiters are Linux-only",
+)
+
+
+@pytest.fixture
+def endpoint() -> Iterator[ThreadedEndpoint]:
+    server = ThreadedEndpoint()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["eventfd", "lock"])
+def waiters(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once with eventfd waiters (where there are any) and once with locks only."""
+    if request.param == "lock":
+        monkeypatch.setattr(_portal, "_fd_waiter_budget", lambda: 0)
+    return str(request.param)
+
+
+def eventfds() -> int:
+    """The eventfds this process has open (after collecting what earlier tests dropped)."""
+    gc.collect()
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the fd listing itself, closed by now
+            count += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventfd]"
+    return count
+
+
+def settle_in_batches(client: Client, endpoint: ThreadedEndpoint, threads: int) -> list[str]:
+    """``2 * threads`` calls from ``threads`` threads, released together in gated batches."""
+    endpoint.gate_at = threads
+    prompts = [f"gate: {i}" if i % 3 else f"fail: {i}" for i in range(2 * threads)]
+
+    def call(prompt: str) -> str:
+        try:
+            return client.generate(prompt)
+        except StatusError as exc:
+            return f"{prompt} -> {exc.status_code}"
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(call, prompts))
+    assert results == [f"{p} :: {{}}" if i % 3 else f"{p} -> 422" for i, p in enumerate(prompts)]
+    return results
+
+
+def test_each_thread_gets_its_own_outcome(waiters: str, endpoint: ThreadedEndpoint) -> None:
+    with Client(endpoint.url, max_concurrency=16) as client:
+        settle_in_batches(client, endpoint, 16)
+        portal = client._portal
+        assert portal is not None
+        made = portal._fd_waiters
+    assert made == (0 if waiters == "lock" or not hasattr(os, "eventfd") else 16)
+
+
+@needs_eventfd
+def test_past_the_budget_calls_wait_on_locks(
+    endpoint: ThreadedEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_portal, "_fd_waiter_budget", lambda: 3)
+    with Client(endpoint.url, max_concurrency=12) as client:
+        settle_in_batches(client, endpoint, 12)
+        portal = client._portal
+        assert portal is not None
+        assert portal._fd_waiters == 3
+        assert len(portal._spare) == 3  # reused by later calls, whichever thread makes them
+
+
+@needs_eventfd
+def test_closing_the_client_closes_its_eventfds(endpoint: ThreadedEndpoint) -> None:
+    before = eventfds()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        client = Client(endpoint.url, max_concurrency=8)
+        settle_in_batches(client, endpoint, 8)
+        assert eventfds() == before + 8
+        client.close()  # while the threads that made the calls are still alive
+        assert eventfds() == before
+        assert list(pool.map(lambda _: client.closed, range(8))) == [True] * 8
+
+
+@needs_eventfd
+def test_a_garbage_collected_client_closes_its_eventfds(endpoint: ThreadedEndpoint) -> None:
+    before = eventfds()
+    client = Client(endpoint.url, max_concurrency=4)
+    settle_in_batches(client, endpoint, 4)
+    del client
+    gc.collect()
+    assert eventfds() == before
+
+
+def test_real_sigint_interrupts_the_wait(waiters: str, endpoint: ThreadedEndpoint) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT does not raise KeyboardInterrupt here")
+
+    def press_ctrl_c() -> None:
+        assert endpoint.received.wait(WAIT)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    with Client(endpoint.url, max_retries=0) as client:
+        presser = threading.Thread(target=press_ctrl_c)
+        presser.start()
+        with pytest.raises(KeyboardInterrupt):
+            client.generate("hold: forever")
+        presser.join(WAIT)
+        assert endpoint.disconnected.wait(WAIT)  # the call was cancelled on the loop
+        assert client.generate("next") == "next :: {}"
+
+
+def test_a_late_wake_up_after_ctrl_c_ends_no_later_call(
+    waiters: str, endpoint: ThreadedEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No grace: the interrupted call settles after KeyboardInterrupt was raised, and its
+    # wake-up arrives while later calls wait; each of them still gets its own result.
+    monkeypatch.setattr(_portal, "CANCEL_GRACE", 0.0)
+    real_wait = _portal._wait_for_result
+    interrupted: list[bool] = []
+
+    def wait_then_ctrl_c(job: object) -> None:
+        if not interrupted:
+            interrupted.append(True)
+            assert endpoint.received.wait(WAIT)
+            raise KeyboardInterrupt
+        real_wait(job)  # type: ignore[arg-type]
+
+    with Client(endpoint.url, max_retries=0) as client:
+        monkeypatch.setattr(_portal, "_wait_for_result", wait_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            client.generate("hold: forever")
+        assert [client.generate(f"after {i}") for i in range(20)] == [
+            f"after {i} :: {{}}" for i in range(20)
+        ]
+        assert endpoint.disconnected.wait(WAIT)
