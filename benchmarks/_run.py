@@ -211,6 +211,16 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
+def _import_env() -> dict[str, str]:
+    """The workers' environment, with bytecode caching on: under PYTHONDONTWRITEBYTECODE
+    (set in some shells and containers) the untimed pass writes no .pyc, so every timed
+    ``import modal_llm`` compiled our source while ``import aiohttp`` loaded the .pyc
+    that pip wrote at install. An installed modal-llm has its .pyc too."""
+    env = _worker_env()
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def run_worker(params: dict[str, Any], cpus: set[int] | None, timeout: float) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter and return its JSON line."""
     cmd = [sys.executable, "-m", "benchmarks._worker", json.dumps(params)]
@@ -403,7 +413,7 @@ class Runner:
                 proc = subprocess.run(
                     cmd,
                     cwd=ROOT,
-                    env=_worker_env(),
+                    env=_import_env(),
                     capture_output=True,
                     text=True,
                     check=False,
@@ -443,7 +453,7 @@ def import_profile(top: int = 10) -> list[dict[str, Any]]:
         proc = subprocess.run(
             [sys.executable, "-X", "importtime", "-c", stmt],
             cwd=ROOT,
-            env=_worker_env(),
+            env=_import_env(),
             capture_output=True,
             text=True,
             check=False,
