@@ -34,9 +34,10 @@ from ._lifecycle import PooledClient, State
 from ._pacing import AdaptiveConcurrency, RateLimiter  # map()'s signature: get_type_hints
 from ._stop import StopMatcher, normalize_stop
 from ._types import HeaderTypes, StopTypes
-from ._unary import follow, post_and_follow
+from ._unary import completion_of, follow, post_and_follow, text_of
 
 if TYPE_CHECKING:
+    from ._call import Reply
     from ._models import Completion
     from ._otel import CallScope
     from ._streaming import TextStream  # loaded by the first stream(), not on import
@@ -89,10 +90,10 @@ class AsyncClient(PooledClient):
         ``stop`` cuts the text at the first stop sequence, on the client. ``headers`` and
         ``timeout`` apply to this call only (for example ``Modal-Routing-Affinity-Key``).
         """
-        completion, _ = await self._complete(prompt, headers, timeout, extra, stop=stop)
+        text, _ = await self._complete(prompt, headers, timeout, extra, text_of, stop=stop)
         if stop is None:
-            return completion.prompt
-        return StopMatcher(normalize_stop(stop)).apply(completion.prompt)
+            return text
+        return StopMatcher(normalize_stop(stop)).apply(text)
 
     async def complete(
         self,
@@ -103,7 +104,7 @@ class AsyncClient(PooledClient):
         **extra: Any,
     ) -> Completion:
         """Like ``generate`` but return the whole reply: ``.text`` and ``.data`` (all keys)."""
-        completion, _ = await self._complete(prompt, headers, timeout, extra)
+        completion, _ = await self._complete(prompt, headers, timeout, extra, completion_of)
         return completion
 
     async def resume(
@@ -129,7 +130,8 @@ class AsyncClient(PooledClient):
         if self._telemetry is not None:
             call.observer = self._observe(call, None, {}, None)
         transport = self._transport_for_loop()
-        run = partial(follow, transport, redirect, call, self._url, self._options.retry, budget)
+        retry = self._options.retry
+        run = partial(follow, transport, redirect, call, self._url, retry, budget, completion_of)
         return await self._run_call(call, run)
 
     @overload
@@ -242,12 +244,13 @@ class AsyncClient(PooledClient):
 
         async def send(item: BatchItem, on_attempt: AttemptHook | None) -> tuple[str, int]:
             body = {**extra, **item.extra} if item.extra else extra
-            completion, attempts = await complete(
-                item.prompt, headers, timeout, body, on_attempt=on_attempt, stop=stops or None
+            stop = stops or None
+            text, attempts = await complete(
+                item.prompt, headers, timeout, body, text_of, on_attempt=on_attempt, stop=stop
             )
             if not stops:
-                return completion.prompt, attempts
-            return StopMatcher(stops).apply(completion.prompt), attempts
+                return text, attempts
+            return StopMatcher(stops).apply(text), attempts
 
         results = fan_out(send, items, plan)
         if plan.limiter is None or (self._telemetry is None and self._state is State.OPENED):
@@ -322,11 +325,13 @@ class AsyncClient(PooledClient):
         headers: HeaderTypes,
         timeout: TimeoutTypes | UseClientDefault,
         extra: dict[str, Any],
+        parse: Callable[[Reply], T],
         *,
         on_attempt: AttemptHook | None = None,
         stop: object = None,
-    ) -> tuple[Completion, int]:
-        """One unary call: its ``Completion`` and how many attempts its POST took.
+    ) -> tuple[T, int]:
+        """One unary call: its parsed reply (``completion_of``, or ``text_of`` for the text
+        alone) and how many attempts its POST took.
 
         ``on_attempt`` also sees this call's ``AttemptEvent``s (fan-out, telemetry).
         ``stop`` (applied by the caller) is only recorded by telemetry.
@@ -335,26 +340,26 @@ class AsyncClient(PooledClient):
         if transport is None or self._loop is not asyncio.get_running_loop():
             transport = self._transport_for_loop()
         call = self._calls.request(prompt, headers, timeout, extra, on_attempt)
+        opts = self._options
         if self._telemetry is not None:
             call.observer = self._observe(call, prompt, extra, stop)
-        # As _run_call does, inlined: this is the hot path.
-        with self._scope(call) as observer:
-            try:
-                opts = self._options
-                work = post_and_follow(transport, call, self._url, opts.retry, opts.max_redirects)
-                if call.deadline_at is None:
-                    result = await work
-                else:
-                    result = await self._before_deadline(call, work)
-            except ModalLLMError as exc:
-                mask_error(exc, call.secrets)
-                raise
-            if observer is not None and observer.capture_content:
-                observer.reply = result[0].prompt
-            return result
+            if call.observer is not None:
+                url, retry, hops = self._url, opts.retry, opts.max_redirects
+                run = partial(post_and_follow, transport, call, url, retry, hops, parse)
+                return await self._run_call(call, run)
+        # The hot path: _run_call without a scope to enter (nothing records this call).
+        work = post_and_follow(transport, call, self._url, opts.retry, opts.max_redirects, parse)
+        try:
+            if call.deadline_at is None:
+                return await work
+            return await self._before_deadline(call, work)
+        except ModalLLMError as exc:
+            mask_error(exc, call.secrets)
+            raise
 
     def _scope(self, call: Call) -> contextlib.AbstractContextManager[CallScope | None]:
-        """The one place every logical call (unary, stream, resume) starts and ends.
+        """The one place every logical call (unary, stream, resume) starts and ends, when
+        the client records telemetry (a unary call that nothing records skips it).
 
         Entered before the call's first request and exited when its outcome is known (for a
         stream: when it is closed), with the call's error, already masked, if it failed.
@@ -418,7 +423,10 @@ class AsyncClient(PooledClient):
 
 
 def _text_of(result: object) -> str | None:
-    """The generated text of what ``_run_call`` returns: a ``Completion`` or a tuple."""
+    """The generated text of what ``_run_call`` returns: a ``Completion`` or a tuple of
+    the text or a ``Completion`` and the attempts."""
     completion = result[0] if isinstance(result, tuple) else result
+    if isinstance(completion, str):
+        return completion
     text = getattr(completion, "prompt", None)
     return text if isinstance(text, str) else None

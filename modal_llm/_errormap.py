@@ -41,10 +41,12 @@ class ErrorMap:
 
     __slots__ = ("resp", "transport", "url")
 
-    def __init__(self, transport: TransportState, url: str) -> None:
+    def __init__(
+        self, transport: TransportState, url: str, resp: aiohttp.ClientResponse | None = None
+    ) -> None:
         self.transport = transport
         self.url = url
-        self.resp: aiohttp.ClientResponse | None = None
+        self.resp = resp
 
     @property
     def got_headers(self) -> bool:
@@ -59,11 +61,21 @@ class ErrorMap:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None or isinstance(exc, (ModalLLMError, asyncio.CancelledError)):
-            return
+        if exc is not None:
+            mapped = self.mapped(exc)
+            if mapped is not None:
+                raise mapped from exc
+
+    def mapped(self, exc: BaseException) -> ModalLLMError | None:
+        """What ``exc`` is raised as (``raise mapped from exc``), or ``None`` to let it through
+        as it is: ours, a cancellation, or nothing aiohttp or the socket raises. For the send
+        path's hot ``try``/``except``, which builds an ``ErrorMap`` only once something failed.
+        """
+        if isinstance(exc, (ModalLLMError, asyncio.CancelledError)):
+            return None
         if not isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError, RuntimeError)):
-            return
-        raise self.translate(exc) from exc
+            return None
+        return self.translate(exc)
 
     def translate(self, exc: BaseException) -> ModalLLMError:
         url = self.url

@@ -12,6 +12,9 @@ capped at ``max_reply_bytes`` over the whole body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -74,12 +77,12 @@ class Opened:
         resp: aiohttp.ClientResponse,
         content_type: str | None,
         errors: ErrorMap,
-        slot: asyncio.Semaphore,
+        slot: Slots,
         cap: int,
     ) -> None:
         self.resp = resp
         self.errors = errors
-        self._slot: asyncio.Semaphore | None = slot
+        self._slot: Slots | None = slot
         self.cap = cap
         self.status = resp.status
         self.url = errors.url
@@ -130,11 +133,7 @@ class Opened:
             chunks.append(data)
 
     def too_large(self, detail: str) -> ReplyTooLargeError:
-        return ReplyTooLargeError(
-            f"reply exceeds max_reply_bytes={self.cap} {detail}",
-            status_code=self.status,
-            url=self.url,
-        )
+        return _too_large(self.cap, self.status, self.url, detail)
 
     def release(self, *, reuse: bool = False) -> None:
         """Give back the connection and the slot; ``reuse`` when the body was read whole."""
@@ -152,6 +151,52 @@ class Opened:
     @property
     def holds_slot(self) -> bool:
         return self._slot is not None
+
+
+class Slots:
+    """The client's ``max_concurrency`` slots: a first-come first-served semaphore whose
+    uncontended take and release are plain calls (``asyncio.Semaphore``'s take is a
+    coroutine that scans its waiters, twice with a ``locked()`` check first)."""
+
+    __slots__ = ("free", "size", "waiters")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def take_now(self) -> bool:
+        """Take a slot if one is free and nobody waits for one; False otherwise."""
+        if self.free and not self.waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Take a slot, waiting in line for one."""
+        if self.take_now():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:  # cancelled, or Timeout.pool ran out
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):  # unless release() skipped it
+                    self.waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back: to the first live waiter, else to the free count."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +218,12 @@ class PoolStats:
     """Kept-alive connections waiting in the pool for reuse."""
 
 
+def _too_large(cap: int, status: int, url: str, detail: str) -> ReplyTooLargeError:
+    return ReplyTooLargeError(
+        f"reply exceeds max_reply_bytes={cap} {detail}", status_code=status, url=url
+    )
+
+
 def _deadline_passed(url: str) -> EndpointTimeoutError:
     return EndpointTimeoutError("the call's deadline passed", phase="deadline", url=url)
 
@@ -188,7 +239,7 @@ class Transport:
         "max_concurrency",
         "session",
         "silence",
-        "slot",
+        "slots",
         "watch",
     )
 
@@ -223,7 +274,7 @@ class Transport:
         self.session = session
         self.endpoint_url = options.endpoint_url
         self.max_concurrency = options.max_concurrency
-        self.slot = asyncio.Semaphore(options.max_concurrency)
+        self.slots = Slots(options.max_concurrency)
         self.watch = watch
         self.silence = SilenceWatch(watch.loop)
         self.cap = options.max_reply_bytes
@@ -231,22 +282,21 @@ class Transport:
 
     def stats(self) -> PoolStats:
         """The slots and connections in use now (see ``PoolStats``)."""
-        # The one place that reads asyncio's and aiohttp's internals, as neither has a public
-        # count: Semaphore._value (free slots), BaseConnector._acquired and ._conns.
+        # The one place that reads aiohttp's internals, as it has no public count:
+        # BaseConnector._acquired and ._conns.
         connector = self.session.connector
         in_use = idle = 0
         if connector is not None and not connector.closed:
             in_use = len(connector._acquired)
             idle = sum(len(conns) for conns in list(connector._conns.values()))
-        held = self.max_concurrency - self.slot._value
+        held = self.slots.size - self.slots.free
         return PoolStats(self.max_concurrency, held, in_use, idle)
 
-    async def _acquire_within(self, call: Call, url: str) -> asyncio.Semaphore:
+    async def _acquire_within(self, call: Call, url: str) -> None:
         """Take a concurrency slot, waiting at most ``call.pool`` seconds (not None)."""
-        slot = self.slot
         assert call.pool is not None
         try:
-            await asyncio.wait_for(slot.acquire(), call.pool)
+            await asyncio.wait_for(self.slots.take(), call.pool)
         except asyncio.TimeoutError:
             n = self.max_concurrency
             raise PoolTimeoutError(
@@ -257,18 +307,29 @@ class Transport:
                 timeout=call.pool,
                 url=url,
             ) from None
-        return slot
 
-    async def open(
+    def open(
         self, method: str, url: str, data: bytes | None, call: Call, attempt: int
-    ) -> Opened | Redirect:
-        """Send one request and decide what came back (the one send path).
+    ) -> Coroutine[Any, Any, Opened | Redirect]:
+        """Send one request and decide what came back (the one send path, ``_send``).
 
         Returns a ``Redirect`` (slot already released), or an ``Opened`` 2xx whose slot the
         caller releases; raises a ``StatusError`` (body excerpt read, ``Retry-After``
         parsed), a ``ContractError`` for a refused content type, or a translated transport
         error, with nothing left held.
         """
+        return self._send(method, url, data, call, attempt, False)  # type: ignore[return-value]
+
+    def fetch(
+        self, method: str, url: str, data: bytes | None, call: Call, attempt: int
+    ) -> Coroutine[Any, Any, Reply | Redirect]:
+        """One request whose 2xx body is read whole: ``open`` and ``Opened.read_all`` in one
+        coroutine (the unary consumer), the slot and connection released before it returns."""
+        return self._send(method, url, data, call, attempt, True)  # type: ignore[return-value]
+
+    async def _send(
+        self, method: str, url: str, data: bytes | None, call: Call, attempt: int, whole: bool
+    ) -> Opened | Reply | Redirect:
         session = self.session
         if self.closed:
             raise ClientClosedError("Cannot use a closed client; create a new one.", url=url)
@@ -276,12 +337,12 @@ class Transport:
         if attempt != 1:
             headers = {**headers, ATTEMPT_HEADER: str(attempt)}
         call.sent += 1
-        slot = self.slot  # a concurrency slot, waiting at most Timeout.pool for it
-        if call.pool is None or not slot.locked():
-            await slot.acquire()
-        else:
-            await self._acquire_within(call, url)
-        errors = ErrorMap(self, url)
+        slot = self.slots  # a concurrency slot, waiting at most Timeout.pool for it
+        if not slot.take_now():
+            if call.pool is None:
+                await slot.take()
+            else:
+                await self._acquire_within(call, url)
         resp: aiohttp.ClientResponse | None = None
         # The first-byte clock starts once we hold a slot: queueing is not the endpoint's.
         first_byte = call.first_byte
@@ -291,15 +352,14 @@ class Transport:
             bucket = watch.start(first_byte, task)
         try:
             try:
-                with errors:
-                    resp = await session.request(
-                        method,
-                        url,
-                        data=data,
-                        headers=headers,
-                        allow_redirects=False,
-                        timeout=call.aio_timeout,
-                    )
+                resp = await session.request(
+                    method,
+                    url,
+                    data=data,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=call.aio_timeout,
+                )
             except asyncio.CancelledError:
                 if first_byte is not None and watch.expired(task):
                     raise EndpointTimeoutError(
@@ -308,40 +368,69 @@ class Transport:
                         url=url,
                     ) from None
                 raise
+            except Exception as exc:  # an ErrorMap only once something failed
+                mapped = ErrorMap(self, url).mapped(exc)
+                if mapped is None:
+                    raise
+                raise mapped from exc
             finally:
                 if first_byte is not None:
                     watch.stop(bucket, task)
-            errors.resp = resp
-            if call.read_timeout is not None:  # error bodies can stall too
-                _set_read_timeout(resp, call.read_timeout)
+            if call.read_timeout is not None and not resp.content.is_eof():
+                _set_read_timeout(resp, call.read_timeout)  # error bodies can stall too
             status = resp.status
+            headers_in = resp.headers
             if status >= 300:
                 if status in FOLLOWED_REDIRECTS or status in REFUSED_REDIRECTS:
-                    location = resp.headers.get("Location")
+                    location = headers_in.get("Location")
                     if location:
                         resp.release()
                         slot.release()
                         return Redirect(status, location, url)
-                raise await self._status_error(resp, errors)
-            content_type = resp.headers.get("Content-Type")
+                raise await self._status_error(resp, ErrorMap(self, url, resp))
+            content_type = headers_in.get("Content-Type")
             refused = refused_media_type(content_type)
             if refused is not None:
-                body = await _excerpt_of(resp, errors)
+                body = await _excerpt_of(resp, ErrorMap(self, url, resp))
                 raise ContractError(
                     refusal_message(refused),
                     status_code=status,
                     body=body,
                     url=url,
                 )
-            opened = Opened(resp, content_type, errors, slot, self.cap)
-            if call.kind == "stream":
-                self._watch_silence(opened)
-            return opened
+            if whole and "Content-Encoding" not in headers_in:
+                length = resp.content_length
+                if length is not None:  # the usual reply: its size is known before reading it
+                    if length > self.cap:
+                        raise _too_large(self.cap, status, url, f"(Content-Length {length})")
+                    try:
+                        body = await resp.read()
+                    except Exception as exc:
+                        mapped = ErrorMap(self, url, resp).mapped(exc)
+                        if mapped is None:
+                            raise
+                        raise mapped from exc
+                    reply = Reply(status, body, url, content_type)
+                    resp.release()
+                    slot.release()
+                    return reply
+            opened = Opened(resp, content_type, ErrorMap(self, url, resp), slot, self.cap)
         except BaseException:
             if resp is not None:
                 resp.close()
             slot.release()
             raise
+        if whole:
+            try:
+                body = await opened.read_all()
+            except BaseException:
+                opened.release()
+                raise
+            opened.release(reuse=True)
+            return Reply(status, body, url, content_type)
+        if call.kind == "stream":
+            self._watch_silence(opened)
+        return opened
 
     def _watch_silence(self, opened: Opened) -> None:
         """Move a stream's between-chunks timeout from aiohttp, which re-arms a loop timer
@@ -358,21 +447,6 @@ class Transport:
         protocol.read_timeout = None
         protocol.start_timeout()  # cancels aiohttp's running timer (no timeout: none re-armed)
         opened.silence = self.silence.watch(opened, seconds)
-
-    async def fetch(
-        self, method: str, url: str, data: bytes | None, call: Call, attempt: int
-    ) -> Reply | Redirect:
-        """One request whose 2xx body is read whole (the unary consumer of ``open``)."""
-        opened = await self.open(method, url, data, call, attempt)
-        if isinstance(opened, Redirect):
-            return opened
-        try:
-            body = await opened.read_all()
-        except BaseException:
-            opened.release()
-            raise
-        opened.release(reuse=True)
-        return Reply(opened.status, body, url, opened.content_type)
 
     async def _status_error(self, resp: aiohttp.ClientResponse, errors: ErrorMap) -> ModalLLMError:
         """Read (a bounded part of) an error body and build the matching ``StatusError``."""

@@ -32,7 +32,6 @@ EVERYONE_MAY: Final = frozenset({"_asdict", "_fields", "_make", "_replace"})
 
 LIBRARY_PRIVATES: Final = {
     # (module, name): why we read a private name of a library we depend on, in that module only.
-    ("modal_llm/_send.py", "_value"): "asyncio.Semaphore has no public count (client.pool)",
     ("modal_llm/_send.py", "_acquired"): "aiohttp's connector has no public count (client.pool)",
     ("modal_llm/_send.py", "_conns"): "aiohttp's connector has no public count (client.pool)",
     ("modal_llm/_lifecycle.py", "_close"): "PooledClient.__del__ closes the connector without "

@@ -26,3 +26,64 @@ async def test_first_byte_watch_buckets() -> None:
     assert not other.done()
     other.cancel()
     assert a >= loop.time() - 1
+
+
+# -- Slots: the client's concurrency slots (tests/client/test_concurrency.py: their use) --------
+
+
+async def test_slots_are_first_come_first_served_and_never_leak() -> None:
+    from modal_llm._send import Slots
+
+    slots = Slots(1)
+    assert slots.take_now() and not slots.take_now()
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        await slots.take()
+        order.append(name)
+
+    first = asyncio.ensure_future(take("a"))
+    cancelled = asyncio.ensure_future(take("b"))
+    last = asyncio.ensure_future(take("c"))
+    await asyncio.sleep(0)  # all three are in line
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert len(slots.waiters) == 2  # the cancelled waiter left the line
+    slots.release()
+    await first
+    slots.release()
+    await last
+    assert order == ["a", "c"]
+    slots.release()
+    assert slots.free == 1 and not slots.waiters
+
+
+async def test_a_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
+    from modal_llm._send import Slots
+
+    slots = Slots(1)
+    assert slots.take_now()
+    handed = asyncio.ensure_future(slots.take())
+    after = asyncio.ensure_future(slots.take())
+    await asyncio.sleep(0)
+    slots.release()  # handed to the first waiter...
+    handed.cancel()  # ...which is cancelled before it runs: the slot goes to the next
+    with pytest.raises(asyncio.CancelledError):
+        await handed
+    await after
+    assert slots.free == 0 and not slots.waiters
+    slots.release()
+    assert slots.free == 1
+
+
+async def test_a_timed_out_wait_for_a_slot_leaves_the_line() -> None:
+    from modal_llm._send import Slots
+
+    slots = Slots(1)
+    assert slots.take_now()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(slots.take(), 0.01)
+    assert not slots.waiters
+    slots.release()
+    assert slots.take_now()  # free again, nobody in line

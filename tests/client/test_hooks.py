@@ -18,6 +18,7 @@ from modal_llm import (
     ServerError,
     StatusError,
 )
+from modal_llm._unary import completion_of
 
 from ..conftest import NO_WAIT, MakeEndpoint
 
@@ -135,7 +136,9 @@ async def test_per_call_observer_seam(make_endpoint: MakeEndpoint) -> None:
     mine: list[AttemptEvent] = []
     url = await make_endpoint(scripted(429, "ok"))
     async with AsyncClient(url, retry=NO_WAIT, event_hooks=event_hooks) as c:
-        completion, attempts = await c._complete("hi", None, 5.0, {}, on_attempt=mine.append)
+        completion, attempts = await c._complete(
+            "hi", None, 5.0, {}, completion_of, on_attempt=mine.append
+        )
         assert completion.text == "ok" and attempts == 2
         assert await c.generate("again") == "ok"  # the per-call observer is not kept
     assert [e.status for e in mine] == [429, 200]

@@ -121,6 +121,32 @@ async def test_reply_size_cap(make_endpoint: MakeEndpoint) -> None:
             await c.generate("hi")
 
 
+async def test_a_reply_without_content_length_is_read_whole_within_the_cap(
+    make_endpoint: MakeEndpoint,
+) -> None:
+    """Chunked replies take the piecewise read (no size known up front); the cap still holds
+    and every slot and connection comes back, as for the usual sized reply."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        size = int((await request.json())["prompt"])
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b'{"prompt": "')
+        for _ in range(size // 100):
+            await resp.write(b"x" * 100)
+        await resp.write(b'"}')
+        await resp.write_eof()
+        return resp
+
+    async with AsyncClient(await make_endpoint(handler), max_reply_bytes=1000) as c:
+        assert await c.generate("500") == "x" * 500
+        with pytest.raises(ReplyTooLargeError, match="after"):
+            await c.generate("5000")
+        assert (await c.complete("300")).text == "x" * 300
+        assert c.pool.slots_in_use == 0 and c.pool.connections_in_use == 0
+
+
 async def test_stop_sequences_cut_generate(make_endpoint: MakeEndpoint) -> None:
     async def handler(request: web.Request) -> web.Response:
         return reply("Answer: 42\n\nQuestion: next")
