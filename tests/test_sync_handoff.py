@@ -3,16 +3,19 @@
 On Linux a caller sleeps on an eventfd the portal keeps for later calls (woken without the
 loop holding the GIL); past a budget, or where there is no eventfd, it sleeps on a lock.
 Either way each thread gets its own outcome, Ctrl-C interrupts the wait, and closing the
-client closes every eventfd. Over real HTTP on 127.0.0.1 (``ThreadedEndpoint``).
+client closes every eventfd. The loop reads plain TCP 64 KiB at a time, unless the event
+loop policy makes its own loops. Over real HTTP on 127.0.0.1 (``ThreadedEndpoint``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import gc
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,3 +162,35 @@ def test_a_late_wake_up_after_ctrl_c_ends_no_later_call(
             f"after {i} :: {{}}" for i in range(20)
         ]
         assert endpoint.disconnected.wait(WAIT)
+
+
+def test_large_replies_arrive_whole_in_smaller_reads(endpoint: ThreadedEndpoint) -> None:
+    with Client(endpoint.url) as client:
+        portal = client._portal
+        assert portal is not None
+        if sys.platform != "win32":
+            assert type(portal.loop) is _portal._PortalLoop
+        prompt = "".join(f"{i:07d} " for i in range(50_000))  # 400 KB, back in many reads
+        assert client.generate(prompt) == f"{prompt} :: {{}}"
+        assert client.generate_many([prompt[:70_000], "small"]) == [
+            f"{prompt[:70_000]} :: {{}}",
+            "small :: {}",
+        ]
+
+
+def test_a_custom_event_loop_policy_still_makes_the_loop(endpoint: ThreadedEndpoint) -> None:
+    class OwnLoop(asyncio.SelectorEventLoop):
+        pass
+
+    class OwnPolicy(asyncio.DefaultEventLoopPolicy):
+        def new_event_loop(self) -> asyncio.AbstractEventLoop:
+            return OwnLoop()
+
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(OwnPolicy())
+    try:
+        with Client(endpoint.url) as client:
+            assert type(client._portal.loop) is OwnLoop  # type: ignore[union-attr]
+            assert client.generate("own loop") == "own loop :: {}"
+    finally:
+        asyncio.set_event_loop_policy(previous)
