@@ -54,6 +54,7 @@ from ._pacing import AdaptiveConcurrency, RateLimiter
 from ._retry import is_retryable
 from ._run import run
 from ._send import PoolStats
+from ._version import __version__ as __version__
 
 __all__ = [
     "DEFAULT_MAX_CONCURRENCY",
@@ -120,16 +121,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(_import_module(f"{__name__}.{module}"), name)
         globals()[name] = value  # the next lookup is a plain attribute
         return value
-    # Served lazily so that importing the package never reads distribution metadata.
-    if name == "__version__":
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return version("modal-llm")
-        except PackageNotFoundError:
-            return "0.0.0+unknown"
     raise AttributeError(f"module 'modal_llm' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, "__version__"})
+    return sorted({*globals(), *_LAZY})

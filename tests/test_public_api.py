@@ -93,3 +93,9 @@ def test_every_public_name_resolves_from_a_fresh_interpreter() -> None:
     assert "modal_llm._sync" in out.stdout and "modal_llm._models" in out.stdout
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         modal_llm.Nope  # noqa: B018
+
+
+def test_the_version_is_the_installed_distributions() -> None:
+    from importlib.metadata import version
+
+    assert modal_llm.__version__ == version("modal-llm")
