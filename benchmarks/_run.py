@@ -78,6 +78,8 @@ IMPORT_CASES = {
     "python -c pass": "pass",
     "aiohttp": "import aiohttp",
     "modal_llm": "import modal_llm",
+    # What import defers to the first client (pydantic-core, the version for User-Agent).
+    "modal_llm + AsyncClient(url)": "import modal_llm; modal_llm.AsyncClient('http://127.0.0.1:9/')",
     "modal_llm + modal_llm.langchain": "import modal_llm, modal_llm.langchain",
     "langchain_community Modal": "from langchain_community.llms import Modal",
 }
