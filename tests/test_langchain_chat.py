@@ -7,6 +7,7 @@ what was sent: the formatted prompt, the model arguments and the messages extra.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from modal_llm import StatusError
 from modal_llm.langchain import ChatModal, Modal, UnsupportedFeatureError
 from modal_llm.langchain._chat import messages_payload, transcript
 
-from .endpoints import STREAM_PIECES, ThreadedEndpoint
+from .endpoints import STREAM_PIECES, WAIT, ThreadedEndpoint
 
 
 class Tokens(BaseCallbackHandler):
@@ -285,3 +286,32 @@ async def test_quiet_abatch_matches_ainvoke(endpoint: ThreadedEndpoint) -> None:
 async def test_quiet_abatch_refusals_stay_per_input(chat: ChatModal) -> None:
     results = await chat.abatch(["a", "b"], return_exceptions=True, tools=[{"name": "x"}])
     assert all(isinstance(item, UnsupportedFeatureError) for item in results)
+
+
+async def test_quiet_abatch_builds_its_messages_once_the_requests_are_done(
+    chat: ChatModal, endpoint: ThreadedEndpoint
+) -> None:
+    # Replies wait as (text, extra) tuples, which CPython's GC stops tracking; messages
+    # built mid-batch made every young collection walk the requests in flight.
+    def live_messages() -> int:
+        return sum(type(o) is AIMessage for o in gc.get_objects())
+
+    assert await chat._quiet_call(None, {}) is not None
+    before = live_messages()
+    inputs: list[Any] = ["a", "b", "fail: c", "hold: d"]
+    batch = asyncio.ensure_future(
+        chat.abatch(inputs, config={"max_concurrency": 1}, return_exceptions=True)
+    )
+    assert await asyncio.to_thread(endpoint.received.wait, WAIT)  # a, b, c answered
+    assert live_messages() == before
+    endpoint.release()
+    results = await batch
+    assert [r.content for r in (results[0], results[1], results[3])] == [
+        echo("a"),
+        echo("b"),
+        echo("hold: d"),
+    ]
+    assert isinstance(results[2], StatusError)  # its own error, in its own slot
+    assert len({r.id for r in (results[0], results[1], results[3])}) == 3
+    results[0].response_metadata["mine"] = True  # each message has its own dict
+    assert results[1].response_metadata == {"usage": {"n": 1}}

@@ -385,9 +385,10 @@ class ModalBase(BaseModel):
         try:
             call = await self._quiet_call(config, kwargs)
             if call is not None:
-                return await gather_bounded(
+                replies = await gather_bounded(
                     call, inputs, concurrency=limit, return_exceptions=return_exceptions
                 )
+                return self._batch_results(replies)
             configs = get_config_list(config, len(inputs))
             ainvoke = cast(Any, self).ainvoke
 
@@ -443,8 +444,14 @@ class ModalBase(BaseModel):
     def _batch_call(
         self, client: AsyncClient, params: dict[str, Any]
     ) -> Callable[[LanguageModelInput], Awaitable[Any]] | None:
-        """One input's call, as ``ainvoke`` would return it (hook; both classes define it)."""
+        """One input's call (hook; both classes define it). What it returns becomes what
+        ``ainvoke`` would have returned in ``_batch_results``."""
         return None
+
+    def _batch_results(self, replies: list[Any]) -> list[Any]:
+        """``abatch``'s results from ``_batch_call``'s replies, once every request is done
+        (hook; ``ChatModal`` builds its messages here). Exceptions stay as they are."""
+        return replies
 
 
 def _has_handlers(callbacks: Callbacks) -> bool:

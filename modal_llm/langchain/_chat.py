@@ -22,8 +22,11 @@ from langchain_core.messages import (
 )
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.utils.utils import LC_ID_PREFIX
-from langchain_core.utils.uuid import uuid7
 from pydantic import Field
+
+# LangChain's run ids come from uuid_utils too (langchain_core.utils.uuid wraps it into a
+# uuid.UUID, whose str() costs ~2 µs in Python; this one's is native).
+from uuid_utils import uuid7
 
 from .._client import AsyncClient
 from .._models import Completion
@@ -92,6 +95,21 @@ def transcript(messages: Sequence[BaseMessage]) -> str:
 def messages_payload(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
     """The ``"messages"`` extra: ``[{"role": "system"|"user"|"assistant"|"tool", "content"}]``."""
     return [{"role": _role(m, _PAYLOAD_ROLES), "content": _text(m)} for m in messages]
+
+
+_Reply = tuple[str, dict[str, Any] | None]
+"""A reply's text (stop sequences applied) and its keys other than ``prompt``."""
+
+
+def _reply(completion: Completion, stop: tuple[str, ...] | None) -> _Reply:
+    text = completion.text if not stop else StopMatcher(stop).apply(completion.text)
+    return text, completion.model_extra
+
+
+def _message(text: str, extra: dict[str, Any] | None, **fields: Any) -> AIMessage:
+    """The reply as an ``AIMessage``; its other keys go to ``response_metadata`` (a copy:
+    pydantic validates the dict into a new one)."""
+    return AIMessage(content=text, response_metadata=extra or {}, **fields)
 
 
 class ChatModal(ModalBase, BaseChatModel):
@@ -198,8 +216,14 @@ class ChatModal(ModalBase, BaseChatModel):
 
     def _batch_call(
         self, client: AsyncClient, params: dict[str, Any]
-    ) -> Callable[[LanguageModelInput], Awaitable[AIMessage]] | None:
-        """``abatch``'s call when nothing observes the runs: what ``ainvoke`` returns."""
+    ) -> Callable[[LanguageModelInput], Awaitable[_Reply]] | None:
+        """``abatch``'s call when nothing observes the runs: the reply's text and extra keys.
+
+        ``_batch_results`` makes them ``AIMessage``s once the requests are done. Held as
+        plain tuples meanwhile, they give CPython's cyclic GC nothing to track; five
+        tracked objects per message built mid-batch made every young collection walk the
+        requests in flight (measured: ~20 µs per input at concurrency 64).
+        """
         if params.pop("stream", None) or self.rate_limiter is not None:
             return None
         if self.output_version not in (None, "v0"):
@@ -210,33 +234,35 @@ class ChatModal(ModalBase, BaseChatModel):
         send_messages = self.send_messages
         plain = self.formatter is None  # a str input's transcript needs no message objects
 
-        async def call(item: LanguageModelInput) -> AIMessage:
+        async def call(item: LanguageModelInput) -> _Reply:
             if plain and isinstance(item, str):
                 prompt = _human_turn(item)
-                payload = [{"role": "user", "content": item}]
+                if send_messages:
+                    payload = [{"role": "user", "content": item}]
             else:
                 messages = convert(item).to_messages()
                 prompt = self._prompt(messages)
-                payload = messages_payload(messages) if send_messages else []
+                if send_messages:
+                    payload = messages_payload(messages)
             if send_messages:
                 completion = await complete(prompt, **params, messages=payload)
             else:
                 completion = await complete(prompt, **params)
-            # LangChain names a reply after its run ("lc_run--<run id>-<index>").
-            return self._message(completion, stops, id=f"{LC_ID_PREFIX}-{uuid7()}-0")
+            return _reply(completion, stops)
 
         return call
 
-    @staticmethod
-    def _message(completion: Completion, stop: tuple[str, ...] | None, **fields: Any) -> AIMessage:
-        """The reply as an ``AIMessage``; the reply's other keys go to ``response_metadata``."""
-        text = completion.text if not stop else StopMatcher(stop).apply(completion.text)
-        metadata = dict(completion.model_extra or {})
-        return AIMessage(content=text, response_metadata=metadata, **fields)
+    def _batch_results(self, replies: list[Any]) -> list[Any]:
+        for index, reply in enumerate(replies):
+            if type(reply) is tuple:  # an exception (return_exceptions) stays in its slot
+                # LangChain names a reply after its run ("lc_run--<run id>-<index>").
+                replies[index] = _message(*reply, id=f"{LC_ID_PREFIX}-{uuid7()}-0")
+        return replies
 
-    @classmethod
-    def _result(cls, completion: Completion, stop: tuple[str, ...] | None) -> ChatResult:
-        return ChatResult(generations=[ChatGeneration(message=cls._message(completion, stop))])
+    @staticmethod
+    def _result(completion: Completion, stop: tuple[str, ...] | None) -> ChatResult:
+        message = _message(*_reply(completion, stop))
+        return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _generate(
         self,
