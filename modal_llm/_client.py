@@ -13,11 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
-from ._batch import BatchItem, BatchResult, ProgressCallback, PromptLike, gather_bounded
+from ._batch import BatchResult, ProgressCallback, PromptLike, gather_bounded
 from ._call import Call, Redirect, deadline_error
 from ._config import (
     USE_CLIENT_DEFAULT,
@@ -176,9 +183,8 @@ class AsyncClient(PooledClient):
         """
         self._session_for_loop()
 
-        async def one(prompt: str) -> str:
-            return await self.generate(prompt, stop=stop, headers=headers, timeout=timeout, **extra)
-
+        # Each item awaits generate's own coroutine (no wrapper per item).
+        one = partial(self.generate, stop=stop, headers=headers, timeout=timeout, **extra)
         results = await gather_bounded(
             one,
             prompts,
@@ -242,14 +248,21 @@ class AsyncClient(PooledClient):
         stops = normalize_stop(stop)
         complete = self._complete
 
-        async def send(item: BatchItem, on_attempt: AttemptHook | None) -> tuple[str, int]:
-            body = {**extra, **item.extra} if item.extra else extra
-            stop = stops or None
-            text, attempts = await complete(
-                item.prompt, headers, timeout, body, text_of, on_attempt=on_attempt, stop=stop
-            )
+        def send(
+            prompt: str, own: Mapping[str, Any] | None, on_attempt: AttemptHook | None
+        ) -> Awaitable[tuple[str, int]]:
+            # A plain function: without stop sequences the call's own coroutine is awaited.
+            body = extra if own is None else {**extra, **own}
             if not stops:
-                return text, attempts
+                return complete(prompt, headers, timeout, body, text_of, on_attempt=on_attempt)
+            return cut(prompt, body, on_attempt)
+
+        async def cut(
+            prompt: str, body: dict[str, Any], on_attempt: AttemptHook | None
+        ) -> tuple[str, int]:
+            text, attempts = await complete(
+                prompt, headers, timeout, body, text_of, on_attempt=on_attempt, stop=stops
+            )
             return StopMatcher(stops).apply(text), attempts
 
         results = fan_out(send, items, plan)

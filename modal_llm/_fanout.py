@@ -15,6 +15,7 @@ attempts reach the limit through that item's own ``on_attempt`` observer.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -29,12 +30,12 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from functools import partial
-from typing import Final
+from typing import Any, Final
 
 from ._batch import BatchItem, BatchResult, ProgressCallback, PromptLike
 from ._exceptions import ConfigError, ModalLLMError
 from ._hooks import AttemptEvent, AttemptHook
-from ._pacing import AdaptiveConcurrency, RateLimiter
+from ._pacing import AdaptiveConcurrency, RateLimiter, Slots
 from ._progress import Progress
 
 __all__ = ["FanOutPlan", "Send", "fan_out"]
@@ -43,10 +44,11 @@ DEFAULT_WINDOW_FACTOR: Final = 2
 """The default ``window`` is this many times the concurrency."""
 
 
-Send = Callable[[BatchItem, AttemptHook | None], Awaitable[tuple[str, int]]]
-"""``await send(item, on_attempt)``: one logical call for ``item``; returns ``(text,
-attempts)`` or raises ``ModalLLMError``. ``on_attempt``, when not None, must see every
-attempt of that call (``AsyncClient._complete(..., on_attempt=...)``)."""
+Send = Callable[[str, Mapping[str, Any] | None, AttemptHook | None], Awaitable[tuple[str, int]]]
+"""``await send(prompt, extra, on_attempt)``: one logical call for an item's prompt and its
+own model arguments (``None`` when it has none); returns ``(text, attempts)`` or raises
+``ModalLLMError``. ``on_attempt``, when not None, must see every attempt of that call
+(``AsyncClient._complete(..., on_attempt=...)``)."""
 
 
 class _Crash:
@@ -70,40 +72,54 @@ class _Source:
                 "items must be an iterable of prompts or requests, not a single "
                 f"{type(items).__name__}"
             )
-        self._sync: Iterator[PromptLike] | None = None
+        self.sync: Iterator[PromptLike] | None = None
         self._async: AsyncIterator[PromptLike] | None = None
         if isinstance(items, AsyncIterable):
             self._async = aiter(items)
         elif isinstance(items, Iterable):
-            self._sync = iter(items)
+            self.sync = iter(items)
         else:
             raise ConfigError(f"items must be an iterable or async iterable, not {items!r}")
         self._lock = asyncio.Lock()  # an async generator refuses concurrent __anext__
         self._index = 0
         self.exhausted = False
 
-    async def pull(self) -> tuple[int, BatchItem] | None:
-        if self._sync is not None:
+    def pull_now(self) -> tuple[int, object] | None:
+        """The next raw input and its index from a plain iterable (``sync`` is set)."""
+        if self.exhausted:
+            return None
+        assert self.sync is not None
+        try:
+            raw = next(self.sync)
+        except StopIteration:
+            self.exhausted = True
+            return None
+        index = self._index
+        self._index = index + 1
+        return index, raw
+
+    async def pull(self) -> tuple[int, object] | None:
+        """The next raw input and its index, from an async iterable or a plain one."""
+        if self.sync is not None:
+            return self.pull_now()
+        assert self._async is not None
+        async with self._lock:
             if self.exhausted:
                 return None
             try:
-                raw = next(self._sync)
-            except StopIteration:
+                raw = await anext(self._async)
+            except StopAsyncIteration:
                 self.exhausted = True
                 return None
-        else:
-            assert self._async is not None
-            async with self._lock:
-                if self.exhausted:
-                    return None
-                try:
-                    raw = await anext(self._async)
-                except StopAsyncIteration:
-                    self.exhausted = True
-                    return None
         index = self._index
         self._index += 1
-        return index, as_item(raw, index)
+        return index, raw
+
+
+def _unpack(raw: object, index: int) -> tuple[str, Hashable, Mapping[str, Any] | None]:
+    """An input that is not a plain ``str``: its prompt, id and own extras (or None)."""
+    item = as_item(raw, index)
+    return item.prompt, index if item.id is None else item.id, item.extra or None
 
 
 def as_item(raw: object, index: int) -> BatchItem:
@@ -251,7 +267,7 @@ def fan_out(
 ) -> AsyncGenerator[BatchResult, None]:
     """Run ``send`` for every item of ``items`` as ``plan`` says; yield a ``BatchResult`` each.
 
-    ``send(item, on_attempt)`` makes one logical call and returns ``(text, attempts)``
+    ``send(prompt, extra, on_attempt)`` makes one logical call and returns ``(text, attempts)``
     or raises a ``ModalLLMError``; ``on_attempt`` (None unless the plan is adaptive) must
     be called with every attempt event of that call, so that its 429/503 answers reach
     the adaptive limit. ``items`` is pulled lazily. Failed items carry their
@@ -273,67 +289,99 @@ def _congestion_hook(limiter: AdaptiveConcurrency, ticket: int, event: AttemptEv
         limiter.on_congestion(ticket)
 
 
+class _Outbox:
+    """Workers' messages on their way to the one consumer (``_run``'s loop)."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: deque[object] = deque()
+        self.waiter: asyncio.Future[None] | None = None  # the consumer's, while it waits
+
+    def put(self, message: object) -> None:
+        self.items.append(message)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 async def _run(
     send: Send, source: _Source, plan: FanOutPlan, total: int | None
 ) -> AsyncGenerator[BatchResult, None]:
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[object] = asyncio.Queue()
-    room = asyncio.Semaphore(plan.window)
+    outbox = _Outbox()
+    room = Slots(plan.window)
     limiter = plan.limiter
     rate = plan.rate
-
-    async def one(index: int, item: BatchItem, on_attempt: AttemptHook | None) -> BatchResult:
-        ident: Hashable = index if item.id is None else item.id
-        if rate is not None:
-            await rate.acquire()  # booked only now: a budget is spent on requests sent
-        started = loop.time()
-        try:
-            text, attempts = await send(item, on_attempt)
-        except ModalLLMError as exc:
-            latency = loop.time() - started
-            return BatchResult(index, ident, item.prompt, None, exc, _attempts_of(exc), latency)
-        return BatchResult(index, ident, item.prompt, text, None, attempts, loop.time() - started)
+    sync = source.sync is not None
 
     async def worker() -> None:
         try:
             while True:
-                await room.acquire()
+                if not room.take_now():
+                    await room.take()
                 # Input first: a worker that finds it exhausted stops at once, without
                 # waiting for (or booking) a rate or concurrency slot it would not use.
-                pulled = await source.pull()
+                pulled = source.pull_now() if sync else await source.pull()
                 if pulled is None:
                     break
-                index, item = pulled
-                if limiter is None:
-                    result = await one(index, item, None)
+                index, raw = pulled
+                if type(raw) is str:
+                    prompt: str = raw
+                    ident: Hashable = index
+                    extra: Mapping[str, Any] | None = None
                 else:
+                    prompt, ident, extra = _unpack(raw, index)
+                hook: AttemptHook | None = None
+                if limiter is not None:
                     ticket = await limiter.acquire()
-                    success = False
+                    hook = partial(_congestion_hook, limiter, ticket)
+                success = False
+                try:
+                    if rate is not None:
+                        await rate.acquire()  # booked only now: a budget is spent on requests sent
+                    started = loop.time()
                     try:
-                        hook = partial(_congestion_hook, limiter, ticket)
-                        result = await one(index, item, hook)
-                        success = result.ok
-                    finally:
+                        text, attempts = await send(prompt, extra, hook)
+                    except ModalLLMError as exc:
+                        latency = loop.time() - started
+                        attempts = _attempts_of(exc)
+                        result = BatchResult(index, ident, prompt, None, exc, attempts, latency)
+                    else:
+                        latency = loop.time() - started
+                        result = BatchResult(index, ident, prompt, text, None, attempts, latency)
+                        success = True
+                finally:
+                    if limiter is not None:
                         limiter.release(success=success)
-                queue.put_nowait(result)
+                outbox.put(result)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            queue.put_nowait(_Crash(exc))
+            outbox.put(_Crash(exc))
             return
-        queue.put_nowait(_FINISHED)
+        outbox.put(_FINISHED)
 
     bar = None
     tasks = [loop.create_task(worker()) for _ in range(plan.workers)]
     try:
         if plan.progress:
             bar = Progress(total, fallback=False)
+        on_progress = plan.on_progress
+        ordered = plan.ordered
+        messages = outbox.items
         running = len(tasks)
         done = failed = 0
         waiting: dict[int, BatchResult] = {}  # ordered: finished, but behind an earlier item
         next_index = 0
         while running:
-            message = await queue.get()
+            if not messages:
+                waiter = outbox.waiter = loop.create_future()
+                await waiter
+                continue
+            message = messages.popleft()
             if message is _FINISHED:
                 running -= 1
                 continue
@@ -341,13 +389,14 @@ async def _run(
                 raise message.error
             assert isinstance(message, BatchResult)
             done += 1
-            if not message.ok:
+            bad = message.error is not None
+            if bad:
                 failed += 1
             if bar is not None:
-                bar.advance(failed=not message.ok)
-            if plan.on_progress is not None:
-                plan.on_progress(done, total, failed)
-            if not plan.ordered:
+                bar.advance(failed=bad)
+            if on_progress is not None:
+                on_progress(done, total, failed)
+            if not ordered:
                 room.release()
                 yield message
                 continue

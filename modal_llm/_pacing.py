@@ -1,13 +1,15 @@
-"""Pacing shared by a fan-out's workers: a requests-per-second budget and an AIMD limit.
+"""Pacing: slots, a requests-per-second budget and an AIMD limit.
 
-``RateLimiter`` books time slots (GCRA); ``AdaptiveConcurrency`` bounds requests in flight
-and moves that bound with the endpoint's 429/503 answers. Both can be shared between
-``map`` calls; neither knows the client.
+``Slots`` is a first-come first-served semaphore (the client's ``max_concurrency``, a
+fan-out's window). ``RateLimiter`` books time slots (GCRA); ``AdaptiveConcurrency`` bounds
+requests in flight and moves that bound with the endpoint's 429/503 answers. Both can be
+shared between ``map`` calls; none knows the client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -16,12 +18,58 @@ from typing import Final
 
 from ._exceptions import ConfigError, StatusError
 
-__all__ = ["AdaptiveConcurrency", "RateLimiter"]
+__all__ = ["AdaptiveConcurrency", "RateLimiter", "Slots"]
 
 DEFAULT_DECREASE: Final = 0.7
 """AIMD cut on 429/503. Gentler than halving: the cut happens at most once per window,
 and halving on every error is known to collapse throughput (aibrix PR #2452)."""
 DEFAULT_CONGESTION_STATUSES: Final = frozenset({429, 503})
+
+
+class Slots:
+    """A first-come first-served semaphore (the client's ``max_concurrency``, a fan-out's
+    window) whose uncontended take and release are plain calls: ``asyncio.Semaphore``'s take
+    is a coroutine that scans its waiters, twice with a ``locked()`` check first."""
+
+    __slots__ = ("free", "size", "waiters")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def take_now(self) -> bool:
+        """Take a slot if one is free and nobody waits for one; False otherwise."""
+        if self.free and not self.waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Take a slot, waiting in line for one."""
+        if self.take_now():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:  # cancelled, or Timeout.pool ran out
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):  # unless release() skipped it
+                    self.waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back: to the first live waiter, else to the free count."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
 
 
 class RateLimiter:

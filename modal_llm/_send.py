@@ -12,8 +12,6 @@ capped at ``max_reply_bytes`` over the whole body.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -34,6 +32,7 @@ from ._exceptions import (
     TransportError,
     status_error_class,
 )
+from ._pacing import Slots
 from ._retry import parse_retry_after
 from ._watch import FirstByteWatch, SilenceWatch
 
@@ -151,52 +150,6 @@ class Opened:
     @property
     def holds_slot(self) -> bool:
         return self._slot is not None
-
-
-class Slots:
-    """The client's ``max_concurrency`` slots: a first-come first-served semaphore whose
-    uncontended take and release are plain calls (``asyncio.Semaphore``'s take is a
-    coroutine that scans its waiters, twice with a ``locked()`` check first)."""
-
-    __slots__ = ("free", "size", "waiters")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.free = size
-        self.waiters: deque[asyncio.Future[None]] = deque()
-
-    def take_now(self) -> bool:
-        """Take a slot if one is free and nobody waits for one; False otherwise."""
-        if self.free and not self.waiters:
-            self.free -= 1
-            return True
-        return False
-
-    async def take(self) -> None:
-        """Take a slot, waiting in line for one."""
-        if self.take_now():
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
-        try:
-            await waiter
-        except BaseException:  # cancelled, or Timeout.pool ran out
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # handed a slot as we were cancelled: pass it on
-            else:
-                with contextlib.suppress(ValueError):  # unless release() skipped it
-                    self.waiters.remove(waiter)
-            raise
-
-    def release(self) -> None:
-        """Give a slot back: to the first live waiter, else to the free count."""
-        waiters = self.waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self.free += 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -199,6 +199,23 @@ async def test_per_item_results_ids_extras_and_errors() -> None:
     assert by_prompt["item"]["max_tokens"] == 9
 
 
+async def test_stop_sequences_and_str_subclasses_per_item() -> None:
+    """``stop`` cuts every item's text; a ``str`` subclass is a prompt like any other."""
+
+    class Prompt(str):
+        pass
+
+    async with recorder_endpoint() as (url, rec), AsyncClient(url) as client:
+        items: list[Any] = ["one. two", Prompt("three. four"), {"prompt": "five. six", "id": "x"}]
+        results = [r async for r in client.map(items, ordered=True, stop=["."])]
+    assert [(r.id, r.prompt, r.text) for r in results] == [
+        (0, "one. two", "ONE"),
+        (1, "three. four", "THREE"),
+        ("x", "five. six", "FIVE"),
+    ]
+    assert sorted(b["prompt"] for b in rec.bodies) == ["five. six", "one. two", "three. four"]
+
+
 async def test_retried_item_reports_its_attempts() -> None:
     config = ServerConfig(error_burst=2, error_status=503)
     async with serve(config) as url, AsyncClient(url, retry=NO_WAIT) as client:

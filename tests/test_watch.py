@@ -32,7 +32,7 @@ async def test_first_byte_watch_buckets() -> None:
 
 
 async def test_slots_are_first_come_first_served_and_never_leak() -> None:
-    from modal_llm._send import Slots
+    from modal_llm._pacing import Slots
 
     slots = Slots(1)
     assert slots.take_now() and not slots.take_now()
@@ -60,7 +60,7 @@ async def test_slots_are_first_come_first_served_and_never_leak() -> None:
 
 
 async def test_a_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
-    from modal_llm._send import Slots
+    from modal_llm._pacing import Slots
 
     slots = Slots(1)
     assert slots.take_now()
@@ -78,7 +78,7 @@ async def test_a_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
 
 
 async def test_a_timed_out_wait_for_a_slot_leaves_the_line() -> None:
-    from modal_llm._send import Slots
+    from modal_llm._pacing import Slots
 
     slots = Slots(1)
     assert slots.take_now()
