@@ -297,13 +297,14 @@ async def test_quiet_abatch_builds_its_messages_once_the_requests_are_done(
         return sum(type(o) is AIMessage for o in gc.get_objects())
 
     assert await chat._quiet_call(None, {}) is not None
+    gc.collect()  # earlier tests' garbage cannot go away mid-test and hide a new message
     before = live_messages()
     inputs: list[Any] = ["a", "b", "fail: c", "hold: d"]
     batch = asyncio.ensure_future(
         chat.abatch(inputs, config={"max_concurrency": 1}, return_exceptions=True)
     )
     assert await asyncio.to_thread(endpoint.received.wait, WAIT)  # a, b, c answered
-    assert live_messages() == before
+    assert live_messages() <= before  # none built while a request is in flight
     endpoint.release()
     results = await batch
     assert [r.content for r in (results[0], results[1], results[3])] == [
