@@ -3,7 +3,7 @@
 ``LoopThread.call`` ships a coroutine function to the loop and blocks the calling thread
 until it settles (starlette's ``TestClient`` idea turned around). Thread hand-offs are
 batched both ways, since waking a thread is the costly part of a blocking call: see
-``LoopThread._start_queued`` and ``_FdWaiter``. Strictly private; ``Client``
+``LoopThread._start_queued`` and ``_Lane``. Strictly private; ``Client``
 (``_sync.py``) is its one user.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import select
 import sys
@@ -41,20 +42,41 @@ _WAIT_SLICE: Final = 0.25 if sys.platform == "win32" else None
 CLOSED_MESSAGE: Final = "Cannot use a closed client; create a new one."
 
 
-class _FdWaiter:
-    """An eventfd a blocked caller sleeps on (Linux); reused by later calls, any thread's.
+class _Lane:
+    """Where a call runs and waits (Linux): an eventfd, and a task that runs calls in turn.
 
-    Why not a lock: releasing a lock wakes its waiter while the loop holds the GIL, so the
-    woken thread preempts the loop, finds the GIL taken and sleeps again: two wasted
-    thread switches per call. ``os.eventfd_write`` releases the GIL around the write, so
-    the woken caller runs at once. A wake-up that comes late (after a Ctrl-C gave up
-    waiting) cannot end a later call's wait early: callers re-check ``_Job.finished``.
+    Lanes are pooled: a call takes a spare one and gives it back when it returns. The
+    caller sleeps on the eventfd. Why not a lock: releasing a lock wakes its waiter while
+    the loop holds the GIL, so the woken thread preempts the loop, finds the GIL taken and
+    sleeps again, two wasted thread switches per call. ``os.eventfd_write`` releases the
+    GIL around the write, so the woken caller runs at once, usually long enough to hand
+    the lane its next call before the lane's task looks for one: that call starts in the
+    same task step, with no task, no wake-up of the loop and no burst of new requests
+    (whose allocations set off the cyclic GC every ~20 calls when they came in batches).
+    A wake-up that comes late (after a Ctrl-C gave up waiting) cannot end a later call's
+    wait early: callers re-check ``_Job.finished``.
     """
 
-    __slots__ = ("fd",)
+    __slots__ = ("fd", "job", "parked", "retired", "task", "wakeup")
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_CLOEXEC)
+        # Under LoopThread._submit: the next call, and the task's state.
+        self.job: _Job | None = None
+        self.task: asyncio.Task[None] | None = None  # None: not started, or ended
+        self.parked = False  # the task awaits ``wakeup`` for a call
+        self.retired = False  # abandoned after a Ctrl-C: the task ends once idle
+        self.wakeup: asyncio.Future[None] | None = None
+
+    def take(self, job: _Job) -> bool:
+        """Under ``_submit``: hand the lane ``job``; whether the loop must (re)start it."""
+        if not _LANES:  # Python 3.10: each call runs in a task of its own
+            return True
+        self.job = job
+        if self.parked or self.task is None:
+            self.parked = False
+            return True
+        return False  # its task is between calls and looks for this one next
 
     def wake(self) -> None:
         os.eventfd_write(self.fd, 1)
@@ -94,7 +116,8 @@ class _LockWaiter:
                 pass
 
 
-_Waiter = _FdWaiter | _LockWaiter
+_Waiter = _Lane | _LockWaiter
+_LANES: Final = sys.version_info >= (3, 11)  # Task.cancelling(): a lane sees a stray cancel
 
 
 _READ_SIZE: Final = 64 * 1024
@@ -150,7 +173,18 @@ def _wait_for_result(job: _Job) -> None:
 class _Job:
     """One blocking call on its way through the loop: what to run, and its outcome."""
 
-    __slots__ = ("args", "error", "finished", "fn", "kwargs", "result", "task", "waiter")
+    __slots__ = (
+        "args",
+        "cancelled",
+        "context",
+        "error",
+        "finished",
+        "fn",
+        "kwargs",
+        "result",
+        "task",
+        "waiter",
+    )
 
     def __init__(
         self, fn: Callable[..., Awaitable[Any]], args: Any, kwargs: Any, waiter: _Waiter
@@ -160,9 +194,12 @@ class _Job:
         self.kwargs = kwargs
         self.result: Any = None
         self.error: BaseException | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # its own, or its lane's once started
         self.waiter = waiter
         self.finished = False  # set once, by finish(), when the outcome is known
+        self.cancelled = False  # Ctrl-C in the caller
+        # The caller's context variables (its OpenTelemetry span...): the call runs in them.
+        self.context = contextvars.copy_context()
 
     def finish(self) -> None:
         self.fn = self.args = self.kwargs = None  # type: ignore[assignment]
@@ -170,8 +207,14 @@ class _Job:
         self.waiter.wake()
 
     def cancel(self) -> None:
-        """On the loop: Ctrl-C in the caller (its task exists: it was queued first)."""
-        if self.task is not None:
+        """On the loop: Ctrl-C in the caller. A lane's call not started yet never starts."""
+        self.cancelled = True
+        if isinstance(self.waiter, _Lane):
+            self.waiter.retired = True
+            wakeup = self.waiter.wakeup
+            if self.waiter.parked and wakeup is not None and not wakeup.done():
+                wakeup.set_result(None)  # so its task ends
+        if self.task is not None and not self.finished:
             self.task.cancel()
 
     def wait_unwound(self, timeout: float) -> None:
@@ -199,8 +242,8 @@ class LoopThread:
         self._queue: list[_Job] = []  # calls submitted, not yet started on the loop
         self._wake_scheduled = False  # a _start_queued is on its way to the loop
         self._finished: list[_Job] = []  # settled on the loop, callers not yet woken
-        self._spare: list[_FdWaiter] = []  # eventfds of calls that have returned
-        self._fd_waiters = 0  # eventfds made (under _submit), at most _fd_budget
+        self._spare: list[_Lane] = []  # lanes of calls that have returned
+        self._fd_waiters = 0  # lanes made (under _submit), at most _fd_budget
         self._fd_budget = _fd_waiter_budget()
         self._thread = threading.Thread(target=self._run, name="modal-llm-loop", daemon=True)
         self._thread.start()
@@ -245,10 +288,11 @@ class LoopThread:
                 raise ClientClosedError(CLOSED_MESSAGE)
             waiter = self._spare.pop() if self._spare else self._new_waiter()
             job = _Job(fn, args, kwargs, waiter)
-            self._queue.append(job)
-            if not self._wake_scheduled:
-                self._wake_scheduled = True
-                self.loop.call_soon_threadsafe(self._start_queued)
+            if not isinstance(waiter, _Lane) or waiter.take(job):
+                self._queue.append(job)
+                if not self._wake_scheduled:
+                    self._wake_scheduled = True
+                    self.loop.call_soon_threadsafe(self._start_queued)
         try:
             _wait_for_result(job)
         except KeyboardInterrupt:
@@ -256,7 +300,7 @@ class LoopThread:
                 self.loop.call_soon_threadsafe(job.cancel)
             job.wait_unwound(CANCEL_GRACE)
             raise
-        if isinstance(waiter, _FdWaiter):  # not after a Ctrl-C: a late wake-up may come
+        if isinstance(waiter, _Lane):  # not after a Ctrl-C: a late wake-up may come
             self._keep_spare(waiter)
         error = job.error
         if error is None:
@@ -267,17 +311,17 @@ class LoopThread:
         job.error = None  # no reference cycle through the traceback
         raise error
 
-    def _keep_spare(self, waiter: _FdWaiter) -> None:
-        """Keep a returned call's eventfd for the next call, unless the portal has closed."""
+    def _keep_spare(self, waiter: _Lane) -> None:
+        """Keep a returned call's lane for the next call, unless the portal has closed."""
         self._spare.append(waiter)
         if self.closed:  # stop() may have emptied the list already: close it here
             self._spare.clear()
 
     def _new_waiter(self) -> _Waiter:
-        """Under ``_submit``: an eventfd for one more caller, or a lock past the budget."""
+        """Under ``_submit``: a lane for one more caller, or a lock past the budget."""
         if self._fd_waiters < self._fd_budget:
             try:
-                waiter = _FdWaiter()
+                waiter = _Lane()
             except OSError:  # out of file descriptors after all
                 return _LockWaiter()
             self._fd_waiters += 1
@@ -291,7 +335,7 @@ class LoopThread:
     # a hand-off, and this is what keeps it off the loop's critical path.
 
     def _start_queued(self) -> None:
-        """On the loop: start a task for every queued call (one wake-up per batch)."""
+        """On the loop: start or wake what runs each queued call (one wake-up per batch)."""
         with self._submit:
             self._wake_scheduled = False
             jobs = list(self._queue)
@@ -299,13 +343,83 @@ class LoopThread:
             closing = self.closed
         loop = self.loop
         for job in jobs:
+            lane = job.waiter
             if closing:
                 job.error = asyncio.CancelledError()
                 job.finish()
-            else:
-                job.task = loop.create_task(self._run_job(job))
+            elif not isinstance(lane, _Lane) or not _LANES:
+                job.task = self._own_task(job)
+            elif lane.task is None:  # it runs each call in the call's context, see _run_in
+                lane.task = contextvars.Context().run(loop.create_task, self._run_lane(lane))
+            elif lane.wakeup is not None and not lane.wakeup.done():
+                lane.wakeup.set_result(None)  # it was parked
+
+    async def _run_lane(self, lane: _Lane) -> None:
+        """A lane's task: run each call handed to it, waking its caller as it settles."""
+        task = lane.task
+        assert task is not None
+        try:
+            while True:
+                with self._submit:
+                    job = lane.job
+                    lane.job = None
+                    if job is None:
+                        if lane.retired:
+                            return
+                        lane.parked = True
+                        wakeup = lane.wakeup = self.loop.create_future()
+                if job is None:
+                    await wakeup
+                    continue
+                if sys.version_info >= (3, 11) and task.cancelling():
+                    # A cancel meant for an earlier call is pending: this one gets a task.
+                    job.task = self._own_task(job)
+                    return
+                if job.cancelled:  # Ctrl-C before it started
+                    job.error = asyncio.CancelledError()
+                    job.finish()
+                    continue
+                job.task = task
+                try:
+                    job.result = await self._run_in(job)
+                except Exception as exc:
+                    job.error = exc
+                except BaseException as exc:  # cancelled (Ctrl-C, close()), or exiting
+                    job.error = exc
+                    job.finish()
+                    raise
+                job.finish()
+        finally:
+            with self._submit:
+                lane.task = None
+                lane.parked = False
+                job = lane.job  # handed over as the task ended
+                lane.job = None
+                closing = self.closed
+            if job is not None:
+                if closing:
+                    job.error = asyncio.CancelledError()
+                    job.finish()
+                else:
+                    job.task = self._own_task(job)
+
+    @staticmethod
+    async def _run_in(job: _Job) -> Any:
+        """In a lane: ``await job.fn(...)`` with the caller's context variables set, as a
+        task of its own would see them (the lane's context is empty between calls)."""
+        tokens = [(var, var.set(value)) for var, value in job.context.items()]
+        try:
+            return await job.fn(*job.args, **job.kwargs)
+        finally:
+            for var, token in reversed(tokens):
+                var.reset(token)
+
+    def _own_task(self, job: _Job) -> asyncio.Task[None]:
+        """A task for ``job`` alone, in a copy of its caller's context."""
+        return job.context.run(self.loop.create_task, self._run_job(job))
 
     async def _run_job(self, job: _Job) -> None:
+        """A call's own task: without a lane (no eventfd), or after a lane's stray cancel."""
         try:
             job.result = await job.fn(*job.args, **job.kwargs)
         except BaseException as exc:

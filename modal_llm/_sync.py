@@ -48,7 +48,7 @@ async def _open(options: ClientOptions) -> AsyncClient:
 
 
 async def _next_piece(agen: AsyncGenerator[T, None]) -> T | None:
-    # StopAsyncIteration becomes None: it must not cross into concurrent.futures.
+    # StopAsyncIteration becomes None (the end): it is not an error for the caller.
     try:
         return await agen.__anext__()
     except StopAsyncIteration:

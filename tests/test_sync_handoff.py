@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import gc
 import os
 import signal
@@ -194,3 +195,85 @@ def test_a_custom_event_loop_policy_still_makes_the_loop(endpoint: ThreadedEndpo
             assert client.generate("own loop") == "own loop :: {}"
     finally:
         asyncio.set_event_loop_policy(previous)
+
+
+def test_a_cancel_left_pending_by_a_call_does_not_reach_the_next(
+    waiters: str, endpoint: ThreadedEndpoint
+) -> None:
+    # A thread's calls may run one after another in one task on the loop (its lane): a
+    # cancel requested at the end of a call must not land in the call that follows.
+    async def cancel_own_task_then_return() -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # delivered at the task's next await, after this call returned
+        return "returned"
+
+    with Client(endpoint.url, max_retries=0) as client:
+        portal = client._live_portal()
+        for i in range(5):
+            assert portal.call(cancel_own_task_then_return) == "returned"
+            assert client.generate(f"next {i}") == f"next {i} :: {{}}"
+        assert client.generate_many(["a", "b"]) == ["a :: {}", "b :: {}"]
+
+
+def test_ctrl_c_before_the_call_starts_keeps_the_client(
+    waiters: str, endpoint: ThreadedEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_wait = _portal._wait_for_result
+    pressed: list[bool] = []
+
+    def ctrl_c_at_once(job: object) -> None:
+        if not pressed:
+            pressed.append(True)
+            raise KeyboardInterrupt  # the call may not have started on the loop yet
+        real_wait(job)  # type: ignore[arg-type]
+
+    before = eventfds() if Path("/proc/self/fd").is_dir() else 0
+    with Client(endpoint.url, max_retries=0) as client:
+        client.generate("warm")  # the thread's lane is parked, waiting for a call
+        monkeypatch.setattr(_portal, "_wait_for_result", ctrl_c_at_once)
+        with pytest.raises(KeyboardInterrupt):
+            client.generate("interrupted")
+        assert [client.generate(f"then {i}") for i in range(3)] == [
+            f"then {i} :: {{}}" for i in range(3)
+        ]
+    if Path("/proc/self/fd").is_dir():
+        assert eventfds() == before  # the abandoned lane's eventfd closed too
+
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+def test_each_call_sees_its_callers_context_variables(
+    waiters: str, endpoint: ThreadedEndpoint
+) -> None:
+    # As a task of its own would: the caller's values at the time of the call, whichever
+    # thread made it and whatever ran before on the same lane.
+    endpoint.gate_at = 8
+
+    async def gated_read() -> tuple[str, str]:
+        seen = REQUEST_ID.get()
+        await client.generate("gate: hold the batch together")
+        return seen, REQUEST_ID.get()
+
+    def call(i: int) -> tuple[str, str]:
+        REQUEST_ID.set(f"r{i}")
+        return portal.call(gated_read)
+
+    with Client(endpoint.url, max_concurrency=8) as blocking:
+        client = blocking._aclient
+        portal = blocking._live_portal()
+        assert portal.call(_read_id) == "-"
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            for _ in range(2):
+                assert list(pool.map(call, range(16))) == [(f"r{i}", f"r{i}") for i in range(16)]
+        token = REQUEST_ID.set("main")
+        try:
+            assert portal.call(_read_id) == "main"
+        finally:
+            REQUEST_ID.reset(token)
+        assert portal.call(_read_id) == "-"
+
+
+async def _read_id() -> str:
+    return REQUEST_ID.get()
