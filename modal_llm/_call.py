@@ -228,10 +228,12 @@ class CallFactory:
         on_attempt: AttemptHook | None,
     ) -> Call:
         streaming = kind == "stream"
-        call_headers = dict(base_headers)
-        # Unique per logical call: a random per-client prefix and a counter (no syscall).
-        call_headers[IDEMPOTENCY_HEADER] = f"{self._key_prefix}{next(self._key_counter):08x}"
-        call_headers[ATTEMPT_HEADER] = "1"
+        call_headers = {
+            **base_headers,
+            # Unique per logical call: a random per-client prefix and a counter (no syscall).
+            IDEMPOTENCY_HEADER: f"{self._key_prefix}{next(self._key_counter):08x}",
+            ATTEMPT_HEADER: "1",
+        }
         if isinstance(timeout, UseClientDefault):
             parts = self._options.timeout
             aio_timeout = self._aio_stream_timeout if streaming else self._aio_timeout

@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
-from pydantic_core import from_json
 
 from ._exceptions import ContractError
 
-__all__ = ["Completion", "parse_reply", "reply_text"]
+__all__ = ["Completion", "parse_reply"]
 
 
 class Completion(BaseModel):
@@ -71,21 +70,3 @@ def parse_reply(body: bytes, *, status_code: int | None = None, url: object = No
         return Completion.model_validate_json(body)
     except ValidationError as exc:
         raise ContractError(_describe(exc), status_code=status_code, body=body, url=url) from None
-
-
-def reply_text(body: bytes, *, status_code: int | None = None, url: object = None) -> str:
-    """Only the generated text of a reply body (``generate``, ``map``): no ``Completion``.
-
-    A plain parse by pydantic-core (the same JSON parser, about a sixth of the model's
-    cost). Whatever it does not find to be an object with a string ``"prompt"`` goes
-    through ``parse_reply``, so the accepted replies and every error are the model's.
-    """
-    try:
-        data = from_json(body, cache_strings="keys")
-    except ValueError:
-        data = None
-    if type(data) is dict:
-        text = data.get("prompt")
-        if type(text) is str:
-            return text
-    return parse_reply(body, status_code=status_code, url=url).prompt

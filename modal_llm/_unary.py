@@ -26,7 +26,7 @@ T_co = TypeVar("T_co", covariant=True)
 
 
 class Parser(Protocol[T_co]):
-    """``_models.parse_reply`` or ``_models.reply_text``."""
+    """``_models.parse_reply``."""
 
     def __call__(self, body: bytes, *, status_code: int | None = ..., url: object = ...) -> T_co:
         pass
@@ -81,17 +81,9 @@ async def follow(
 
 def completion_of(reply: Reply) -> Completion:
     """The reply body as a ``Completion``, or ``ContractError``."""
-    return _parse(_parsers()[0], reply)
-
-
-def text_of(reply: Reply) -> str:
-    """Only the generated text of the reply body, or the same ``ContractError``."""
-    return _parse(_parsers()[1], reply)
-
-
-def _parse(parser: Parser[T], reply: Reply) -> T:
+    parse_reply = _PARSE_REPLY[0] if _PARSE_REPLY else _load_parse_reply()
     try:
-        return parser(reply.body, status_code=reply.status, url=reply.url)
+        return parse_reply(reply.body, status_code=reply.status, url=reply.url)
     except ContractError:
         # The content-type rule's check on the body, as the stream's text path makes it.
         if looks_like_html(reply.body[:64]):
@@ -104,14 +96,45 @@ def _parse(parser: Parser[T], reply: Reply) -> T:
         raise
 
 
-_PARSERS: list[tuple[Parser[Completion], Parser[str]]] = []
+def text_of(reply: Reply) -> str:
+    """Only the generated text of the reply body (``generate``, ``map``): no ``Completion``.
+
+    A plain parse by pydantic-core's JSON parser (the model's own, about a sixth of the
+    model's cost), and pydantic itself is never loaded for it: its ~7,000 objects would
+    lengthen every full garbage collection of the process. A body that is not an object
+    with a string ``"prompt"`` goes to ``completion_of``, so every error is the model's.
+    """
+    try:
+        data = _parse_json(reply.body)
+    except ValueError:
+        data = None
+    if type(data) is dict:
+        text = data.get("prompt")
+        if type(text) is str:
+            return text
+    return completion_of(reply).prompt
 
 
-def _parsers() -> tuple[Parser[Completion], Parser[str]]:
-    """``_models``' two parsers, imported on first use so that ``import modal_llm`` does not
-    pay for pydantic's model machinery; held here, so a reply costs no import statement."""
-    if not _PARSERS:
-        from ._models import parse_reply, reply_text
+_PARSE_REPLY: list[Parser[Completion]] = []
 
-        _PARSERS.append((parse_reply, reply_text))
-    return _PARSERS[0]
+
+def _load_parse_reply() -> Parser[Completion]:
+    # Imported on first use so that neither ``import modal_llm`` nor ``generate`` pays for
+    # pydantic's model machinery; held here, so a reply costs no import statement.
+    from ._models import parse_reply
+
+    _PARSE_REPLY.append(parse_reply)
+    return parse_reply
+
+
+def _load_json_parser(body: bytes) -> object:
+    """``_parse_json`` on first use: bind pydantic-core's parser (loaded with the client)."""
+    global _parse_json
+    from pydantic_core import from_json
+
+    # Keys only: generated texts are unique, so caching them would only hold them.
+    _parse_json = partial(from_json, cache_strings="keys")
+    return _parse_json(body)
+
+
+_parse_json: Callable[[bytes], object] = _load_json_parser

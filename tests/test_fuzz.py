@@ -35,6 +35,7 @@ from modal_llm import (
     RetryPolicy,
     Timeout,
 )
+from modal_llm._call import Reply as WholeReply
 from modal_llm._decoders import (
     DEFAULT_MAX_BUFFER,
     JSONDecoder,
@@ -45,7 +46,8 @@ from modal_llm._decoders import (
     decoder_for,
 )
 from modal_llm._exceptions import redact_url
-from modal_llm._models import parse_reply, reply_text
+from modal_llm._models import parse_reply
+from modal_llm._unary import completion_of, text_of
 from modal_llm.server._script import abort_with_rst
 
 from .conftest import MakeEndpoint
@@ -169,7 +171,7 @@ def test_parse_reply_agrees_with_the_json_module(
 
 def _outcome(parse: Any, body: bytes) -> tuple[str, object]:
     try:
-        text = parse(body, status_code=200, url="http://h/")
+        text = parse(WholeReply(200, body, "http://h/", "application/json"))
     except ContractError as exc:
         return "error", (str(exc), exc.status_code, exc.body_excerpt)
     return "text", text if isinstance(text, str) else text.text
@@ -179,16 +181,16 @@ def _outcome(parse: Any, body: bytes) -> tuple[str, object]:
 @given(body=_bytes)
 def test_reply_text_agrees_with_parse_reply_on_any_bytes(body: bytes) -> None:
     """``generate``'s text-only parse accepts what the model accepts, with the same errors."""
-    assert _outcome(reply_text, body) == _outcome(parse_reply, body)
+    assert _outcome(text_of, body) == _outcome(completion_of, body)
 
 
 @FUZZ
 @given(value=_replyish, padding=st.sampled_from(["", " ", "\n", "\ufeff"]))
 def test_reply_text_agrees_with_parse_reply_on_replies(value: Any, padding: str) -> None:
     body = (padding + json.dumps(value) + padding.strip("\ufeff")).encode()
-    assert _outcome(reply_text, body) == _outcome(parse_reply, body)
+    assert _outcome(text_of, body) == _outcome(completion_of, body)
     for odd in (b'{"prompt": "a", "n": NaN}', b'{"prompt": "a", "prompt": 1}', b"\xef\xbb\xbf[]"):
-        assert _outcome(reply_text, odd) == _outcome(parse_reply, odd)
+        assert _outcome(text_of, odd) == _outcome(completion_of, odd)
 
 
 def test_parse_reply_lone_surrogate_and_bom_are_typed() -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -32,7 +34,9 @@ from modal_llm import (
     StreamInterruptedError,
     Timeout,
 )
+from modal_llm._call import Reply
 from modal_llm._models import parse_reply
+from modal_llm._unary import text_of
 from modal_llm.server import STATS, ServerConfig, create_app, serve, toy_generate
 from modal_llm.testing import FaultConfig, FaultProxy
 
@@ -333,6 +337,29 @@ def test_reply_texts_are_not_kept_in_a_cache() -> None:
     first, second = parse_reply(body), parse_reply(body)
     assert first.text == second.text
     assert first.text is not second.text
+    reply = Reply(200, body, "http://127.0.0.1/", "application/json")
+    assert text_of(reply) == first.text  # generate's text-only parse keeps no texts either
+    assert text_of(reply) is not text_of(reply)
+
+
+def test_generate_takes_its_text_without_loading_pydantic() -> None:
+    """pydantic's ~7,000 objects would lengthen every full GC of a process that only calls
+    ``generate``/``map``; only ``complete`` (a ``Completion``) or a bad reply loads it."""
+    code = (
+        "import sys\n"
+        "from modal_llm._call import Reply\n"
+        "from modal_llm._unary import text_of\n"
+        'reply = Reply(200, b\'{"prompt": "hi", "n": 1}\', \'http://h/\', None)\n'
+        "assert text_of(reply) == 'hi'\n"
+        "assert 'pydantic' not in sys.modules, 'pydantic loaded'\n"
+        "try:\n"
+        "    text_of(Reply(200, b'[]', 'http://h/', None))\n"
+        "except Exception as exc:\n"
+        "    assert 'not a JSON object' in str(exc), exc\n"
+        "assert 'pydantic' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 # -- bounds: redirect hops ------------------------------------------------------------------------
