@@ -42,6 +42,11 @@ _WAIT_SLICE: Final = 0.25 if sys.platform == "win32" else None
 CLOSED_MESSAGE: Final = "Cannot use a closed client; create a new one."
 
 
+_LIVE_LANES: list[None] = []
+"""One item per open lane in the process, all portals together (see ``_fd_waiter_budget``)."""
+_LANES_LOCK = threading.Lock()  # checking the budget and taking a slot, as one step
+
+
 class _Lane:
     """Where a call runs and waits (Linux): an eventfd, and a task that runs calls in turn.
 
@@ -59,8 +64,8 @@ class _Lane:
 
     __slots__ = ("fd", "job", "parked", "retired", "task", "wakeup")
 
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_CLOEXEC)
+    def __init__(self, fd: int) -> None:
+        self.fd = fd  # made by the caller: a failed os.eventfd leaves no half-built lane
         # Under LoopThread._submit: the next call, and the task's state.
         self.job: _Job | None = None
         self.task: asyncio.Task[None] | None = None  # None: not started, or ended
@@ -78,20 +83,45 @@ class _Lane:
             return True
         return False  # its task is between calls and looks for this one next
 
+    def retire(self) -> None:
+        """On the loop: no more calls; its task (if any) ends once idle, then the fd closes."""
+        self.retired = True
+        wakeup = self.wakeup
+        if self.parked and wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    # os.eventfd_read/_write do not retry EINTR as PEP 475 calls do: a signal handler that
+    # returns (SIGALRM, SIGCHLD, a SIGTERM flag...) or any signal in another thread would
+    # surface as InterruptedError. The handlers have run by then (one that raises, e.g.
+    # KeyboardInterrupt, propagates instead), so both retry.
+
     def wake(self) -> None:
-        os.eventfd_write(self.fd, 1)
+        while True:
+            try:
+                os.eventfd_write(self.fd, 1)
+                return
+            except InterruptedError:
+                pass
 
     def wait(self, timeout: float | None = None) -> None:
         if timeout is not None:
             poller = select.poll()
             poller.register(self.fd, select.POLLIN)
-            if not poller.poll(max(0, int(timeout * 1000))):
+            if not poller.poll(max(0, int(timeout * 1000))):  # poll retries EINTR itself
                 return
-        os.eventfd_read(self.fd)  # resets the count: several wake-ups are one
+        while True:
+            try:
+                os.eventfd_read(self.fd)  # resets the count: several wake-ups are one
+                return
+            except InterruptedError:
+                pass
 
-    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+    def __del__(
+        self, _close: Callable[[int], None] = os.close, _live: list[None] = _LIVE_LANES
+    ) -> None:
         # Only once no job refers to it, so the loop never writes to a closed (reused) fd.
         _close(self.fd)
+        _live.pop()  # atomic: no lock here (a finalizer may run under any lock)
 
 
 class _LockWaiter:
@@ -152,15 +182,37 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return _PortalLoop()
 
 
+_MAX_FD_WAITERS: Final = 256
+_MAX_SPARE: Final = 32
+"""Idle lanes a portal keeps for later calls; one returned past this is retired (fd closed)."""
+
+
 def _fd_waiter_budget() -> int:
-    """How many eventfds a portal may keep: a quarter of the file descriptor limit (the
-    rest stays for connections); none where ``os.eventfd`` is missing."""
+    """How many eventfds all portals of the process may hold together: an eighth of the
+    file descriptor limit, at most 256 (the rest stays for connections and files); none
+    where ``os.eventfd`` is missing. Past it, callers wait on locks."""
     if not hasattr(os, "eventfd"):
         return 0
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return 256 if soft == resource.RLIM_INFINITY else soft // 4
+    if soft == resource.RLIM_INFINITY:
+        return _MAX_FD_WAITERS
+    return min(soft // 8, _MAX_FD_WAITERS)
+
+
+def _new_lane() -> _Lane | None:
+    """A lane with a fresh eventfd, if the process-wide budget and the fd table allow one."""
+    budget = _fd_waiter_budget()
+    with _LANES_LOCK:
+        if len(_LIVE_LANES) >= budget:
+            return None
+        try:
+            fd = os.eventfd(0, os.EFD_CLOEXEC)
+        except OSError:  # out of file descriptors after all
+            return None
+        _LIVE_LANES.append(None)
+    return _Lane(fd)
 
 
 def _wait_for_result(job: _Job) -> None:
@@ -210,10 +262,7 @@ class _Job:
         """On the loop: Ctrl-C in the caller. A lane's call not started yet never starts."""
         self.cancelled = True
         if isinstance(self.waiter, _Lane):
-            self.waiter.retired = True
-            wakeup = self.waiter.wakeup
-            if self.waiter.parked and wakeup is not None and not wakeup.done():
-                wakeup.set_result(None)  # so its task ends
+            self.waiter.retire()  # so its task ends
         if self.task is not None and not self.finished:
             self.task.cancel()
 
@@ -243,8 +292,7 @@ class LoopThread:
         self._wake_scheduled = False  # a _start_queued is on its way to the loop
         self._finished: list[_Job] = []  # settled on the loop, callers not yet woken
         self._spare: list[_Lane] = []  # lanes of calls that have returned
-        self._fd_waiters = 0  # lanes made (under _submit), at most _fd_budget
-        self._fd_budget = _fd_waiter_budget()
+        self._fd_waiters = 0  # lanes this portal made (under _submit)
         self._thread = threading.Thread(target=self._run, name="modal-llm-loop", daemon=True)
         self._thread.start()
 
@@ -312,21 +360,23 @@ class LoopThread:
         raise error
 
     def _keep_spare(self, waiter: _Lane) -> None:
-        """Keep a returned call's lane for the next call, unless the portal has closed."""
+        """Keep a returned call's lane for the next call, unless the portal has closed or
+        keeps ``_MAX_SPARE`` idle ones already (then the lane retires and its fd closes)."""
+        if len(self._spare) >= _MAX_SPARE:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing runs it
+                self.loop.call_soon_threadsafe(waiter.retire)
+            return
         self._spare.append(waiter)
         if self.closed:  # stop() may have emptied the list already: close it here
             self._spare.clear()
 
     def _new_waiter(self) -> _Waiter:
         """Under ``_submit``: a lane for one more caller, or a lock past the budget."""
-        if self._fd_waiters < self._fd_budget:
-            try:
-                waiter = _Lane()
-            except OSError:  # out of file descriptors after all
-                return _LockWaiter()
-            self._fd_waiters += 1
-            return waiter
-        return _LockWaiter()
+        lane = _new_lane()
+        if lane is None:
+            return _LockWaiter()
+        self._fd_waiters += 1
+        return lane
 
     # Hand-offs are batched both ways: callers queue their calls and only the first of a
     # batch wakes the loop (call_soon_threadsafe writes to the loop's self-pipe); finished

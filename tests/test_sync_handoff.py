@@ -277,3 +277,127 @@ def test_each_call_sees_its_callers_context_variables(
 
 async def _read_id() -> str:
     return REQUEST_ID.get()
+
+
+@contextlib.contextmanager
+def no_op_handler(signum: int) -> Iterator[threading.Event]:
+    """A Python handler for ``signum`` that only records it ran (and returns normally)."""
+    ran = threading.Event()
+    previous = signal.signal(signum, lambda *_: ran.set())
+    try:
+        yield ran
+    finally:
+        signal.signal(signum, previous)
+
+
+def test_a_handler_that_returns_does_not_end_the_main_threads_wait(
+    waiters: str, endpoint: ThreadedEndpoint
+) -> None:
+    # SIGALRM/SIGCHLD/a SIGTERM flag... interrupt the wait's system call; the handler runs
+    # and returns, and the wait must go on (os.eventfd_read does not retry by itself).
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("Python runs signal handlers in the main thread only")
+
+    def signal_then_release() -> None:
+        assert endpoint.received.wait(WAIT)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+        assert ran.wait(WAIT)  # set by the handler, while the main thread waits
+        endpoint.release()
+
+    with no_op_handler(signal.SIGUSR1) as ran, Client(endpoint.url, max_retries=0) as client:
+        sender = threading.Thread(target=signal_then_release)
+        sender.start()
+        try:
+            assert client.generate("hold: through a signal") == "hold: through a signal :: {}"
+        finally:
+            endpoint.release()
+            sender.join(WAIT)
+        assert ran.is_set()
+        assert client.generate("next") == "next :: {}"
+
+
+def test_a_signal_in_a_waiting_worker_thread_does_not_end_its_wait(
+    waiters: str, endpoint: ThreadedEndpoint
+) -> None:
+    # A signal delivered to a non-main thread interrupts its system call, but its handler
+    # runs later in the main thread: there, every EINTR would surface as InterruptedError.
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("the handler must be installed from the main thread")
+    outcome: list[object] = []
+
+    def call() -> None:
+        try:
+            outcome.append(client.generate("hold: in a worker"))
+        except BaseException as exc:  # recorded for the assert below
+            outcome.append(exc)
+
+    with no_op_handler(signal.SIGUSR1) as ran, Client(endpoint.url, max_retries=0) as client:
+        worker = threading.Thread(target=call)
+        worker.start()
+        try:
+            assert endpoint.received.wait(WAIT)
+            signal.pthread_kill(worker.ident or 0, signal.SIGUSR1)
+            # The handler runs here once the worker took the signal (the main thread only
+            # notices it between bytecodes, so it keeps executing some).
+            for _ in range(10_000_000):
+                if ran.is_set() or outcome:
+                    break
+            assert ran.is_set()
+        finally:
+            endpoint.release()
+            worker.join(WAIT)
+    assert outcome == ["hold: in a worker :: {}"]
+
+
+@needs_eventfd
+def test_eventfds_are_budgeted_across_all_clients_of_the_process(
+    endpoint: ThreadedEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One budget for the process, not one per Client: a few Clients shared by many threads
+    # must not hold the fd table (each would have kept its own share until closed).
+    monkeypatch.setattr(_portal, "_fd_waiter_budget", lambda: 6)
+    before = eventfds()
+    clients = [Client(endpoint.url, max_concurrency=8) for _ in range(3)]
+    try:
+        for client in clients:
+            settle_in_batches(client, endpoint, 8)
+            assert eventfds() - before <= 6
+        made = [client._portal._fd_waiters for client in clients]  # type: ignore[union-attr]
+        assert sum(made) <= 6
+    finally:
+        for client in clients:
+            client.close()
+    assert eventfds() == before
+
+
+@needs_eventfd
+def test_a_client_keeps_few_idle_eventfds(
+    endpoint: ThreadedEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_portal, "_MAX_SPARE", 2)
+    before = eventfds()
+    with Client(endpoint.url, max_concurrency=8) as client:
+        settle_in_batches(client, endpoint, 8)  # 8 lanes, then 6 of them retire
+        portal = client._portal
+        assert portal is not None
+        assert portal._fd_waiters == 8
+        assert len(portal._spare) == 2
+        assert client.generate("after") == "after :: {}"  # the loop ran the retirements
+        assert eventfds() == before + 2
+    assert eventfds() == before
+
+
+def test_no_eventfd_left_half_made_when_creating_one_fails(
+    endpoint: ThreadedEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # EMFILE from os.eventfd: the call waits on a lock, and nothing half-built is left
+    # whose finalizer fails (an unraisable exception: an error under pytest here).
+    def out_of_fds(*_: object) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "eventfd", out_of_fds, raising=False)
+    with Client(endpoint.url, max_concurrency=4) as client:
+        settle_in_batches(client, endpoint, 4)
+        assert client._portal._fd_waiters == 0  # type: ignore[union-attr]
+        assert client.generate("still") == "still :: {}"
+    gc.collect()
