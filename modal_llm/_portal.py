@@ -288,6 +288,7 @@ class LoopThread:
         self.closed = False
         # Held while submitting and while closing, so no call is queued behind loop.stop().
         self._submit = threading.Lock()
+        self._submitting = 0  # the caller thread inside call()'s ``with self._submit``, or 0
         self._queue: list[_Job] = []  # calls submitted, not yet started on the loop
         self._wake_scheduled = False  # a _start_queued is on its way to the loop
         self._finished: list[_Job] = []  # settled on the loop, callers not yet woken
@@ -334,13 +335,19 @@ class LoopThread:
         with self._submit:
             if self.closed:
                 raise ClientClosedError(CLOSED_MESSAGE)
-            waiter = self._spare.pop() if self._spare else self._new_waiter()
-            job = _Job(fn, args, kwargs, waiter)
-            if not isinstance(waiter, _Lane) or waiter.take(job):
-                self._queue.append(job)
-                if not self._wake_scheduled:
-                    self._wake_scheduled = True
-                    self.loop.call_soon_threadsafe(self._start_queued)
+            # Any allocation here may run the cyclic GC, and with it an abandoned stream's
+            # finalizer (close_stream) on this very thread: it must not wait for the lock.
+            self._submitting = threading.get_ident()
+            try:
+                waiter = self._spare.pop() if self._spare else self._new_waiter()
+                job = _Job(fn, args, kwargs, waiter)
+                if not isinstance(waiter, _Lane) or waiter.take(job):
+                    self._queue.append(job)
+                    if not self._wake_scheduled:
+                        self._wake_scheduled = True
+                        self.loop.call_soon_threadsafe(self._start_queued)
+            finally:
+                self._submitting = 0
         try:
             _wait_for_result(job)
         except KeyboardInterrupt:
@@ -512,6 +519,10 @@ class LoopThread:
             return  # the loop already closed it in shutdown_asyncgens()
         if self.in_loop_thread:
             self.loop.create_task(agen.aclose())
+            return
+        if self._submitting == threading.get_ident():  # finalized by a GC inside call()
+            with contextlib.suppress(RuntimeError):  # the loop closed: shutdown closed it
+                self.loop.call_soon_threadsafe(lambda: self.loop.create_task(agen.aclose()))
             return
         with contextlib.suppress(ClientClosedError):
             self.call(agen.aclose)

@@ -401,3 +401,43 @@ def test_no_eventfd_left_half_made_when_creating_one_fails(
         assert client._portal._fd_waiters == 0  # type: ignore[union-attr]
         assert client.generate("still") == "still :: {}"
     gc.collect()
+
+
+class _Holder:
+    stream: object
+    itself: object
+
+
+def test_a_stream_collected_while_a_call_is_submitted_does_not_hang_it(
+    endpoint: ThreadedEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An abandoned stream in a reference cycle is closed by its finalizer whenever the
+    # cyclic GC runs: here inside call(), while that thread submits its own call.
+    client = Client(endpoint.url, max_retries=0)
+    holder = _Holder()
+    holder.itself = holder
+    holder.stream = client.stream("hold: abandoned")
+    assert next(holder.stream)  # type: ignore[call-overload]
+    # Kept out of the cycle: only the blocking generator is finalized, not the async stream
+    # under it (which, collected while open, would warn about the leak on its own).
+    pieces = holder.stream.gi_frame.f_locals["agen"]  # type: ignore[attr-defined]
+    del holder
+    real_job = _portal._Job
+    collected: list[int] = []
+
+    def collecting_job(*args: object) -> object:
+        if not collected:
+            collected.append(gc.collect())  # finalizes the stream, on this thread
+        return real_job(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_portal, "_Job", collecting_job)
+    outcome: list[str] = []
+    caller = threading.Thread(target=lambda: outcome.append(client.generate("next")), daemon=True)
+    caller.start()
+    caller.join(WAIT)
+    assert not caller.is_alive(), "the call deadlocked"  # left open: close() would hang too
+    assert outcome == ["next :: {}"]
+    assert collected and collected[0] > 0
+    assert endpoint.disconnected.wait(WAIT)  # the abandoned stream's response was closed
+    client.close()
+    assert "not open" in repr(pieces)
