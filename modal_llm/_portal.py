@@ -90,10 +90,8 @@ class _Lane:
         if self.parked and wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
 
-    # os.eventfd_read/_write do not retry EINTR as PEP 475 calls do: a signal handler that
-    # returns (SIGALRM, SIGCHLD, a SIGTERM flag...) or any signal in another thread would
-    # surface as InterruptedError. The handlers have run by then (one that raises, e.g.
-    # KeyboardInterrupt, propagates instead), so both retry.
+    # os.eventfd_read/_write do not retry EINTR (PEP 475): both retry here, once handlers
+    # ran and returned (one that raises, e.g. KeyboardInterrupt, propagates instead).
 
     def wake(self) -> None:
         while True:
@@ -116,12 +114,17 @@ class _Lane:
             except InterruptedError:
                 pass
 
-    def __del__(
+    def close(
         self, _close: Callable[[int], None] = os.close, _live: list[None] = _LIVE_LANES
     ) -> None:
-        # Only once no job refers to it, so the loop never writes to a closed (reused) fd.
-        _close(self.fd)
-        _live.pop()  # atomic: no lock here (a finalizer may run under any lock)
+        """Close the eventfd, once; only once no job will wake it (idle, its call settled),
+        so the loop never writes to a closed (reused) fd."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            _close(fd)
+            _live.pop()  # atomic: no lock here (a finalizer may run under any lock)
+
+    __del__ = close  # a lane dropped without close(): after a Ctrl-C
 
 
 class _LockWaiter:
@@ -318,7 +321,7 @@ class LoopThread:
                     job.error = asyncio.CancelledError()
                     job.finish()
                 self._release_finished()
-                self._spare.clear()  # their eventfds close (those still in use, once woken)
+                self._close_spares()  # those still in use: once their callers return them
 
     @property
     def in_loop_thread(self) -> bool:
@@ -370,12 +373,21 @@ class LoopThread:
         """Keep a returned call's lane for the next call, unless the portal has closed or
         keeps ``_MAX_SPARE`` idle ones already (then the lane retires and its fd closes)."""
         if len(self._spare) >= _MAX_SPARE:
+            waiter.close()  # its call settled: nothing writes to it any more
             with contextlib.suppress(RuntimeError):  # the loop closed: nothing runs it
                 self.loop.call_soon_threadsafe(waiter.retire)
             return
         self._spare.append(waiter)
-        if self.closed:  # stop() may have emptied the list already: close it here
-            self._spare.clear()
+        if self.closed:  # stop() may have closed the spares already: close this one too
+            self._close_spares()
+
+    def _close_spares(self) -> None:
+        """Close the idle lanes' eventfds now: a lane and its task's frame refer to each
+        other, so dropping them would leave the fds to a later cyclic GC."""
+        with self._submit:
+            spares, self._spare = self._spare, []
+        for lane in spares:
+            lane.close()
 
     def _new_waiter(self) -> _Waiter:
         """Under ``_submit``: a lane for one more caller, or a lock past the budget."""
@@ -511,7 +523,7 @@ class LoopThread:
         finally:
             loop.call_soon_threadsafe(loop.stop)
         self._thread.join(CLOSE_TIMEOUT)
-        self._spare.clear()
+        self._close_spares()
 
     def close_stream(self, agen: AsyncGenerator[Any, None]) -> None:
         """Close an abandoned stream's async generator (and so its HTTP response)."""
