@@ -17,7 +17,8 @@ import select
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+import types
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ._exceptions import ClientClosedError
@@ -42,24 +43,19 @@ _WAIT_SLICE: Final = 0.25 if sys.platform == "win32" else None
 CLOSED_MESSAGE: Final = "Cannot use a closed client; create a new one."
 
 
-_LIVE_LANES: list[None] = []
-"""One item per open lane in the process, all portals together (see ``_fd_waiter_budget``)."""
+_LIVE_LANES: list[None] = []  # one item per open lane in the process (_fd_waiter_budget)
 _LANES_LOCK = threading.Lock()  # checking the budget and taking a slot, as one step
 
 
 class _Lane:
     """Where a call runs and waits (Linux): an eventfd, and a task that runs calls in turn.
 
-    Lanes are pooled: a call takes a spare one and gives it back when it returns. The
-    caller sleeps on the eventfd. Why not a lock: releasing a lock wakes its waiter while
-    the loop holds the GIL, so the woken thread preempts the loop, finds the GIL taken and
-    sleeps again, two wasted thread switches per call. ``os.eventfd_write`` releases the
-    GIL around the write, so the woken caller runs at once, usually long enough to hand
-    the lane its next call before the lane's task looks for one: that call starts in the
-    same task step, with no task, no wake-up of the loop and no burst of new requests
-    (whose allocations set off the cyclic GC every ~20 calls when they came in batches).
-    A wake-up that comes late (after a Ctrl-C gave up waiting) cannot end a later call's
-    wait early: callers re-check ``_Job.finished``.
+    Pooled: a call takes a spare one and gives it back. The caller sleeps on the eventfd,
+    not a lock (a lock's release wakes it while the loop holds the GIL: two wasted thread
+    switches); ``os.eventfd_write`` releases the GIL, so the woken caller usually hands
+    the lane its next call before the lane's task looks: it starts in the same task step
+    (no task, no loop wake-up, no burst of allocations setting off the cyclic GC). A late
+    wake-up (after a Ctrl-C) ends no later wait: callers re-check ``_Job.finished``.
     """
 
     __slots__ = ("fd", "job", "parked", "retired", "task", "wakeup")
@@ -92,14 +88,11 @@ class _Lane:
 
     # os.eventfd_read/_write do not retry EINTR (PEP 475): both retry here, once handlers
     # ran and returned (one that raises, e.g. KeyboardInterrupt, propagates instead).
-
     def wake(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(InterruptedError):
                 os.eventfd_write(self.fd, 1)
                 return
-            except InterruptedError:
-                pass
 
     def wait(self, timeout: float | None = None) -> None:
         if timeout is not None:
@@ -108,17 +101,14 @@ class _Lane:
             if not poller.poll(max(0, int(timeout * 1000))):  # poll retries EINTR itself
                 return
         while True:
-            try:
+            with contextlib.suppress(InterruptedError):
                 os.eventfd_read(self.fd)  # resets the count: several wake-ups are one
                 return
-            except InterruptedError:
-                pass
 
     def close(
         self, _close: Callable[[int], None] = os.close, _live: list[None] = _LIVE_LANES
     ) -> None:
-        """Close the eventfd, once; only once no job will wake it (idle, its call settled),
-        so the loop never writes to a closed (reused) fd."""
+        """Close the eventfd, once; only when no job will wake it (no write to a reused fd)."""
         fd, self.fd = self.fd, -1
         if fd >= 0:
             _close(fd)
@@ -158,14 +148,9 @@ _READ_SIZE: Final = 64 * 1024
 
 
 class _PortalLoop(asyncio.SelectorEventLoop):
-    """The default selector loop, reading plain-TCP sockets ``_READ_SIZE`` bytes at a time.
-
-    asyncio allocates each read's full size, then shrinks it to what arrived. On the loop's
-    own thread glibc serves 256 KiB from ``mmap`` (above its 128 KiB threshold, outside
-    the main arena): an ``mmap``, ``mremap`` and ``munmap`` per response, about a tenth of
-    a small call's CPU. 64 KiB comes from the thread's heap. (TLS reads into a buffer of
-    its own: unchanged.)
-    """
+    """The default selector loop, reading plain-TCP sockets ``_READ_SIZE`` bytes at a time:
+    asyncio allocates each read's full size, and glibc serves 256 KiB off the main thread
+    from ``mmap`` (an ``mmap``, ``mremap``, ``munmap`` per response); 64 KiB, from the heap."""
 
     async def create_connection(  # type: ignore[override]
         self, *args: Any, **kwargs: Any
@@ -186,8 +171,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 _MAX_FD_WAITERS: Final = 256
-_MAX_SPARE: Final = 32
-"""Idle lanes a portal keeps for later calls; one returned past this is retired (fd closed)."""
+_MAX_SPARE: Final = 32  # idle lanes a portal keeps; one returned past this retires
 
 
 def _fd_waiter_budget() -> int:
@@ -397,11 +381,8 @@ class LoopThread:
         self._fd_waiters += 1
         return lane
 
-    # Hand-offs are batched both ways: callers queue their calls and only the first of a
-    # batch wakes the loop (call_soon_threadsafe writes to the loop's self-pipe); finished
-    # calls wake their callers once per loop iteration, after the loop has done the work
-    # that was ready. Waking a blocked thread while holding the GIL is the costly part of
-    # a hand-off, and this is what keeps it off the loop's critical path.
+    # Hand-offs are batched: only the first call of a batch wakes the loop (its self-pipe);
+    # finished calls wake their callers once per loop iteration, off the critical path.
 
     def _start_queued(self) -> None:
         """On the loop: start or wake what runs each queued call (one wake-up per batch)."""
@@ -473,15 +454,12 @@ class LoopThread:
                     job.task = self._own_task(job)
 
     @staticmethod
-    async def _run_in(job: _Job) -> Any:
-        """In a lane: ``await job.fn(...)`` with the caller's context variables set, as a
-        task of its own would see them (the lane's context is empty between calls)."""
-        tokens = [(var, var.set(value)) for var, value in job.context.items()]
-        try:
-            return await job.fn(*job.args, **job.kwargs)
-        finally:
-            for var, token in reversed(tokens):
-                var.reset(token)
+    def _run_in(job: _Job) -> Awaitable[Any]:
+        """In a lane: ``await job.fn(...)`` in the caller's context variables (a copy of
+        them, its own), as in a task of its own: what the call sets stays in the call."""
+        context = job.context
+        steps = context.run(lambda: job.fn(*job.args, **job.kwargs).__await__())
+        return _stepped_in(context, steps)
 
     def _own_task(self, job: _Job) -> asyncio.Task[None]:
         """A task for ``job`` alone, in a copy of its caller's context."""
@@ -538,6 +516,28 @@ class LoopThread:
             return
         with contextlib.suppress(ClientClosedError):
             self.call(agen.aclose)
+
+
+@types.coroutine
+def _stepped_in(
+    context: contextvars.Context, steps: Generator[Any, Any, T]
+) -> Generator[Any, Any, T]:
+    """Drive ``steps`` (an awaitable's iterator) with each step run in ``context``."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = (steps.send, value) if error is None else (steps.throw, error)
+            yielded, error = context.run(*step), None
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            value = yield yielded
+        except GeneratorExit:
+            context.run(steps.close)
+            raise
+        except BaseException as exc:  # a cancel, thrown in by the task: into the call
+            value, error = None, exc
 
 
 async def _shutdown(client: AsyncClient) -> None:

@@ -458,3 +458,32 @@ def test_close_closes_the_eventfds_without_waiting_for_the_gc(endpoint: Threaded
     finally:
         gc.enable()
     assert open_now == before
+
+
+SET_IN_A_CALL: contextvars.ContextVar[str] = contextvars.ContextVar("set_in_a_call", default="-")
+
+
+def test_what_a_call_sets_in_its_context_stays_in_that_call(
+    waiters: str, endpoint: ThreadedEndpoint
+) -> None:
+    # As in a task of its own: a hook (or tracing library...) that sets a context variable
+    # during a call leaves no trace in the next call, of this thread or another.
+    seen: list[str] = []
+
+    def hook(event: object) -> None:
+        seen.append(SET_IN_A_CALL.get())
+        SET_IN_A_CALL.set(f"set during call {len(seen)}")
+
+    def calls(n: int) -> None:
+        for i in range(n):
+            assert client.generate(f"call {i}") == f"call {i} :: {{}}"
+
+    with Client(endpoint.url, max_retries=0, event_hooks={"attempt": [hook]}) as client:
+        calls(3)
+        for _ in range(2):
+            other = threading.Thread(target=calls, args=(3,))
+            other.start()
+            other.join(WAIT)
+        calls(2)
+    assert seen == ["-"] * 11
+    assert SET_IN_A_CALL.get() == "-"
