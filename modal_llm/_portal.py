@@ -3,7 +3,8 @@
 ``LoopThread.call`` ships a coroutine function to the loop and blocks the calling thread
 until it settles (starlette's ``TestClient`` idea turned around). Thread hand-offs are
 batched both ways, since waking a thread is the costly part of a blocking call: see
-``LoopThread._start_queued`` and ``_Lane``. Strictly private; ``Client``
+``LoopThread._start_queued`` and ``_FdWaiter``. Each call runs in a task of its own,
+created in a copy of its caller's context variables. Strictly private; ``Client``
 (``_sync.py``) is its one user.
 """
 
@@ -17,8 +18,7 @@ import select
 import sys
 import threading
 import time
-import types
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ._exceptions import ClientClosedError
@@ -43,51 +43,33 @@ _WAIT_SLICE: Final = 0.25 if sys.platform == "win32" else None
 CLOSED_MESSAGE: Final = "Cannot use a closed client; create a new one."
 
 
-_LIVE_LANES: list[None] = []  # one item per open lane in the process (_fd_waiter_budget)
-_LANES_LOCK = threading.Lock()  # checking the budget and taking a slot, as one step
+_LIVE_FDS: list[None] = []  # one item per open _FdWaiter in the process (_fd_waiter_budget)
+_FDS_LOCK = threading.Lock()  # checking the budget and taking a slot, as one step
 
 
-class _Lane:
-    """Where a call runs and waits (Linux): an eventfd, and a task that runs calls in turn.
+class _FdWaiter:
+    """An eventfd a blocked caller sleeps on (Linux); pooled, so later calls reuse it.
 
-    Pooled: a call takes a spare one and gives it back. The caller sleeps on the eventfd,
-    not a lock (a lock's release wakes it while the loop holds the GIL: two wasted thread
-    switches); ``os.eventfd_write`` releases the GIL, so the woken caller usually hands
-    the lane its next call before the lane's task looks: it starts in the same task step
-    (no task, no loop wake-up, no burst of allocations setting off the cyclic GC). A late
-    wake-up (after a Ctrl-C) ends no later wait: callers re-check ``_Job.finished``.
+    Why not a lock: releasing a lock wakes its waiter while the loop holds the GIL, so the
+    woken thread preempts the loop, finds the GIL taken and sleeps again: two wasted
+    thread switches per call. ``os.eventfd_write`` releases the GIL around the write, so
+    the woken caller runs at once (2 thread switches per call instead of about 4).
+
+    A caller takes a spare one from its portal and gives it back once its call returned.
+    After a Ctrl-C it is not given back (the cancelled call may still wake it): dropping it
+    closes the fd. A wake-up that comes late ends no later wait: callers re-check
+    ``_Job.finished``. The fd is made before the object (``_new_fd_waiter``), so a failed
+    ``os.eventfd`` leaves nothing half-built behind.
     """
 
-    __slots__ = ("fd", "job", "parked", "retired", "task", "wakeup")
+    __slots__ = ("fd",)
 
     def __init__(self, fd: int) -> None:
-        self.fd = fd  # made by the caller: a failed os.eventfd leaves no half-built lane
-        # Under LoopThread._submit: the next call, and the task's state.
-        self.job: _Job | None = None
-        self.task: asyncio.Task[None] | None = None  # None: not started, or ended
-        self.parked = False  # the task awaits ``wakeup`` for a call
-        self.retired = False  # abandoned after a Ctrl-C: the task ends once idle
-        self.wakeup: asyncio.Future[None] | None = None
+        self.fd = fd
 
-    def take(self, job: _Job) -> bool:
-        """Under ``_submit``: hand the lane ``job``; whether the loop must (re)start it."""
-        if not _LANES:  # Python 3.10: each call runs in a task of its own
-            return True
-        self.job = job
-        if self.parked or self.task is None:
-            self.parked = False
-            return True
-        return False  # its task is between calls and looks for this one next
+    # os.eventfd_read/_write do not retry EINTR (PEP 475): both retry here once signal
+    # handlers ran and returned (a handler that raises, e.g. KeyboardInterrupt, propagates).
 
-    def retire(self) -> None:
-        """On the loop: no more calls; its task (if any) ends once idle, then the fd closes."""
-        self.retired = True
-        wakeup = self.wakeup
-        if self.parked and wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
-
-    # os.eventfd_read/_write do not retry EINTR (PEP 475): both retry here, once handlers
-    # ran and returned (one that raises, e.g. KeyboardInterrupt, propagates instead).
     def wake(self) -> None:
         while True:
             with contextlib.suppress(InterruptedError):
@@ -106,7 +88,7 @@ class _Lane:
                 return
 
     def close(
-        self, _close: Callable[[int], None] = os.close, _live: list[None] = _LIVE_LANES
+        self, _close: Callable[[int], None] = os.close, _live: list[None] = _LIVE_FDS
     ) -> None:
         """Close the eventfd, once; only when no job will wake it (no write to a reused fd)."""
         fd, self.fd = self.fd, -1
@@ -114,7 +96,7 @@ class _Lane:
             _close(fd)
             _live.pop()  # atomic: no lock here (a finalizer may run under any lock)
 
-    __del__ = close  # a lane dropped without close(): after a Ctrl-C
+    __del__ = close  # dropped without close(): after a Ctrl-C
 
 
 class _LockWaiter:
@@ -139,8 +121,7 @@ class _LockWaiter:
                 pass
 
 
-_Waiter = _Lane | _LockWaiter
-_LANES: Final = sys.version_info >= (3, 11)  # Task.cancelling(): a lane sees a stray cancel
+_Waiter = _FdWaiter | _LockWaiter
 
 
 _READ_SIZE: Final = 64 * 1024
@@ -148,9 +129,14 @@ _READ_SIZE: Final = 64 * 1024
 
 
 class _PortalLoop(asyncio.SelectorEventLoop):
-    """The default selector loop, reading plain-TCP sockets ``_READ_SIZE`` bytes at a time:
-    asyncio allocates each read's full size, and glibc serves 256 KiB off the main thread
-    from ``mmap`` (an ``mmap``, ``mremap``, ``munmap`` per response); 64 KiB, from the heap."""
+    """The default selector loop, reading plain-TCP sockets ``_READ_SIZE`` bytes at a time.
+
+    asyncio allocates each read's full size, then shrinks it to what arrived. On the loop's
+    own thread glibc serves 256 KiB from ``mmap`` (above its 128 KiB threshold, outside
+    the main arena): an ``mmap``, ``mremap`` and ``munmap`` per response, about a tenth of
+    a small call's CPU. 64 KiB comes from the thread's heap. (TLS reads into a buffer of
+    its own: unchanged.)
+    """
 
     async def create_connection(  # type: ignore[override]
         self, *args: Any, **kwargs: Any
@@ -171,13 +157,16 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 _MAX_FD_WAITERS: Final = 256
-_MAX_SPARE: Final = 32  # idle lanes a portal keeps; one returned past this retires
+_MAX_SPARE: Final = 32  # idle eventfds a portal keeps; one returned past this closes
 
 
 def _fd_waiter_budget() -> int:
-    """How many eventfds all portals of the process may hold together: an eighth of the
-    file descriptor limit, at most 256 (the rest stays for connections and files); none
-    where ``os.eventfd`` is missing. Past it, callers wait on locks."""
+    """How many eventfds all portals of the process may hold together.
+
+    An eighth of the file descriptor limit, at most 256: the rest stays for connections
+    and files, and a few Clients shared by many threads cannot fill the fd table. None
+    where ``os.eventfd`` is missing. Past the budget, callers wait on locks.
+    """
     if not hasattr(os, "eventfd"):
         return 0
     import resource
@@ -188,18 +177,19 @@ def _fd_waiter_budget() -> int:
     return min(soft // 8, _MAX_FD_WAITERS)
 
 
-def _new_lane() -> _Lane | None:
-    """A lane with a fresh eventfd, if the process-wide budget and the fd table allow one."""
+def _new_fd_waiter() -> _FdWaiter | None:
+    """An ``_FdWaiter`` on a fresh eventfd, if the process-wide budget and the fd table
+    allow one more; else None."""
     budget = _fd_waiter_budget()
-    with _LANES_LOCK:
-        if len(_LIVE_LANES) >= budget:
+    with _FDS_LOCK:
+        if len(_LIVE_FDS) >= budget:
             return None
         try:
             fd = os.eventfd(0, os.EFD_CLOEXEC)
         except OSError:  # out of file descriptors after all
             return None
-        _LIVE_LANES.append(None)
-    return _Lane(fd)
+        _LIVE_FDS.append(None)
+    return _FdWaiter(fd)
 
 
 def _wait_for_result(job: _Job) -> None:
@@ -233,11 +223,12 @@ class _Job:
         self.kwargs = kwargs
         self.result: Any = None
         self.error: BaseException | None = None
-        self.task: asyncio.Task[None] | None = None  # its own, or its lane's once started
+        self.task: asyncio.Task[None] | None = None  # set by the task once it runs
         self.waiter = waiter
         self.finished = False  # set once, by finish(), when the outcome is known
         self.cancelled = False  # Ctrl-C in the caller
-        # The caller's context variables (its OpenTelemetry span...): the call runs in them.
+        # The caller's context variables (its OpenTelemetry span...), copied: the call's
+        # task runs in this copy, so what the call sets stays in the call.
         self.context = contextvars.copy_context()
 
     def finish(self) -> None:
@@ -246,10 +237,12 @@ class _Job:
         self.waiter.wake()
 
     def cancel(self) -> None:
-        """On the loop: Ctrl-C in the caller. A lane's call not started yet never starts."""
+        """On the loop: Ctrl-C in the caller.
+
+        A call whose task has not run yet is only marked (a task cancelled before its first
+        step never runs its body, so it would never settle); ``_run_job`` sees the mark.
+        """
         self.cancelled = True
-        if isinstance(self.waiter, _Lane):
-            self.waiter.retire()  # so its task ends
         if self.task is not None and not self.finished:
             self.task.cancel()
 
@@ -279,8 +272,8 @@ class LoopThread:
         self._queue: list[_Job] = []  # calls submitted, not yet started on the loop
         self._wake_scheduled = False  # a _start_queued is on its way to the loop
         self._finished: list[_Job] = []  # settled on the loop, callers not yet woken
-        self._spare: list[_Lane] = []  # lanes of calls that have returned
-        self._fd_waiters = 0  # lanes this portal made (under _submit)
+        self._spare: list[_FdWaiter] = []  # eventfds of calls that have returned
+        self._fd_waiters = 0  # eventfds this portal made (under _submit)
         self._thread = threading.Thread(target=self._run, name="modal-llm-loop", daemon=True)
         self._thread.start()
 
@@ -328,11 +321,10 @@ class LoopThread:
             try:
                 waiter = self._spare.pop() if self._spare else self._new_waiter()
                 job = _Job(fn, args, kwargs, waiter)
-                if not isinstance(waiter, _Lane) or waiter.take(job):
-                    self._queue.append(job)
-                    if not self._wake_scheduled:
-                        self._wake_scheduled = True
-                        self.loop.call_soon_threadsafe(self._start_queued)
+                self._queue.append(job)
+                if not self._wake_scheduled:
+                    self._wake_scheduled = True
+                    self.loop.call_soon_threadsafe(self._start_queued)
             finally:
                 self._submitting = 0
         try:
@@ -342,7 +334,7 @@ class LoopThread:
                 self.loop.call_soon_threadsafe(job.cancel)
             job.wait_unwound(CANCEL_GRACE)
             raise
-        if isinstance(waiter, _Lane):  # not after a Ctrl-C: a late wake-up may come
+        if isinstance(waiter, _FdWaiter):  # not after a Ctrl-C: a late wake-up may come
             self._keep_spare(waiter)
         error = job.error
         if error is None:
@@ -353,121 +345,64 @@ class LoopThread:
         job.error = None  # no reference cycle through the traceback
         raise error
 
-    def _keep_spare(self, waiter: _Lane) -> None:
-        """Keep a returned call's lane for the next call, unless the portal has closed or
-        keeps ``_MAX_SPARE`` idle ones already (then the lane retires and its fd closes)."""
+    def _keep_spare(self, waiter: _FdWaiter) -> None:
+        """Keep a returned call's eventfd for the next call, any thread's.
+
+        Closed at once instead when the portal keeps ``_MAX_SPARE`` idle ones already (a
+        burst of callers leaves no pile of idle fds) or has closed.
+        """
         if len(self._spare) >= _MAX_SPARE:
             waiter.close()  # its call settled: nothing writes to it any more
-            with contextlib.suppress(RuntimeError):  # the loop closed: nothing runs it
-                self.loop.call_soon_threadsafe(waiter.retire)
             return
         self._spare.append(waiter)
         if self.closed:  # stop() may have closed the spares already: close this one too
             self._close_spares()
 
     def _close_spares(self) -> None:
-        """Close the idle lanes' eventfds now: a lane and its task's frame refer to each
-        other, so dropping them would leave the fds to a later cyclic GC."""
+        """Close the idle eventfds now, not whenever their objects happen to be freed."""
         with self._submit:
             spares, self._spare = self._spare, []
-        for lane in spares:
-            lane.close()
+        for waiter in spares:
+            waiter.close()
 
     def _new_waiter(self) -> _Waiter:
-        """Under ``_submit``: a lane for one more caller, or a lock past the budget."""
-        lane = _new_lane()
-        if lane is None:
+        """Under ``_submit``: an eventfd for one more caller, or a lock past the budget."""
+        waiter = _new_fd_waiter()
+        if waiter is None:
             return _LockWaiter()
         self._fd_waiters += 1
-        return lane
+        return waiter
 
-    # Hand-offs are batched: only the first call of a batch wakes the loop (its self-pipe);
-    # finished calls wake their callers once per loop iteration, off the critical path.
+    # Hand-offs are batched both ways: callers queue their calls and only the first of a
+    # batch wakes the loop (call_soon_threadsafe writes to the loop's self-pipe); finished
+    # calls wake their callers once per loop iteration, after the loop has done the work
+    # that was ready. Waking a blocked thread while holding the GIL is the costly part of
+    # a hand-off, and this keeps it off the loop's critical path.
 
     def _start_queued(self) -> None:
-        """On the loop: start or wake what runs each queued call (one wake-up per batch)."""
+        """On the loop: start a task for every queued call (one wake-up per batch)."""
         with self._submit:
             self._wake_scheduled = False
             jobs = list(self._queue)
             self._queue.clear()
             closing = self.closed
-        loop = self.loop
         for job in jobs:
-            lane = job.waiter
             if closing:
                 job.error = asyncio.CancelledError()
                 job.finish()
-            elif not isinstance(lane, _Lane) or not _LANES:
-                job.task = self._own_task(job)
-            elif lane.task is None:  # it runs each call in the call's context, see _run_in
-                lane.task = contextvars.Context().run(loop.create_task, self._run_lane(lane))
-            elif lane.wakeup is not None and not lane.wakeup.done():
-                lane.wakeup.set_result(None)  # it was parked
-
-    async def _run_lane(self, lane: _Lane) -> None:
-        """A lane's task: run each call handed to it, waking its caller as it settles."""
-        task = lane.task
-        assert task is not None
-        try:
-            while True:
-                with self._submit:
-                    job = lane.job
-                    lane.job = None
-                    if job is None:
-                        if lane.retired:
-                            return
-                        lane.parked = True
-                        wakeup = lane.wakeup = self.loop.create_future()
-                if job is None:
-                    await wakeup
-                    continue
-                if sys.version_info >= (3, 11) and task.cancelling():
-                    # A cancel meant for an earlier call is pending: this one gets a task.
-                    job.task = self._own_task(job)
-                    return
-                if job.cancelled:  # Ctrl-C before it started
-                    job.error = asyncio.CancelledError()
-                    job.finish()
-                    continue
-                job.task = task
-                try:
-                    job.result = await self._run_in(job)
-                except Exception as exc:
-                    job.error = exc
-                except BaseException as exc:  # cancelled (Ctrl-C, close()), or exiting
-                    job.error = exc
-                    job.finish()
-                    raise
-                job.finish()
-        finally:
-            with self._submit:
-                lane.task = None
-                lane.parked = False
-                job = lane.job  # handed over as the task ended
-                lane.job = None
-                closing = self.closed
-            if job is not None:
-                if closing:
-                    job.error = asyncio.CancelledError()
-                    job.finish()
-                else:
-                    job.task = self._own_task(job)
-
-    @staticmethod
-    def _run_in(job: _Job) -> Awaitable[Any]:
-        """In a lane: ``await job.fn(...)`` in the caller's context variables (a copy of
-        them, its own), as in a task of its own: what the call sets stays in the call."""
-        context = job.context
-        steps = context.run(lambda: job.fn(*job.args, **job.kwargs).__await__())
-        return _stepped_in(context, steps)
+            else:
+                self._own_task(job)
 
     def _own_task(self, job: _Job) -> asyncio.Task[None]:
-        """A task for ``job`` alone, in a copy of its caller's context."""
+        """A task for ``job`` alone, created in the copy of its caller's context."""
         return job.context.run(self.loop.create_task, self._run_job(job))
 
     async def _run_job(self, job: _Job) -> None:
-        """A call's own task: without a lane (no eventfd), or after a lane's stray cancel."""
+        """A call's task: run it, keep its outcome, queue its caller's wake-up."""
         try:
+            if job.cancelled:  # Ctrl-C before its task first ran
+                raise asyncio.CancelledError
+            job.task = asyncio.current_task()
             job.result = await job.fn(*job.args, **job.kwargs)
         except BaseException as exc:
             job.error = exc
@@ -504,7 +439,11 @@ class LoopThread:
         self._close_spares()
 
     def close_stream(self, agen: AsyncGenerator[Any, None]) -> None:
-        """Close an abandoned stream's async generator (and so its HTTP response)."""
+        """Close an abandoned stream's async generator (and so its HTTP response).
+
+        From a GC that ran inside this thread's own ``call()`` (under ``_submit``), the
+        close is scheduled on the loop without waiting: waiting would need that lock.
+        """
         if self.closed:
             return  # the loop already closed it in shutdown_asyncgens()
         if self.in_loop_thread:
@@ -516,28 +455,6 @@ class LoopThread:
             return
         with contextlib.suppress(ClientClosedError):
             self.call(agen.aclose)
-
-
-@types.coroutine
-def _stepped_in(
-    context: contextvars.Context, steps: Generator[Any, Any, T]
-) -> Generator[Any, Any, T]:
-    """Drive ``steps`` (an awaitable's iterator) with each step run in ``context``."""
-    value: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = (steps.send, value) if error is None else (steps.throw, error)
-            yielded, error = context.run(*step), None
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        try:
-            value = yield yielded
-        except GeneratorExit:
-            context.run(steps.close)
-            raise
-        except BaseException as exc:  # a cancel, thrown in by the task: into the call
-            value, error = None, exc
 
 
 async def _shutdown(client: AsyncClient) -> None:

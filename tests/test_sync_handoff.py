@@ -198,25 +198,6 @@ def test_a_custom_event_loop_policy_still_makes_the_loop(endpoint: ThreadedEndpo
         asyncio.set_event_loop_policy(previous)
 
 
-def test_a_cancel_left_pending_by_a_call_does_not_reach_the_next(
-    waiters: str, endpoint: ThreadedEndpoint
-) -> None:
-    # A thread's calls may run one after another in one task on the loop (its lane): a
-    # cancel requested at the end of a call must not land in the call that follows.
-    async def cancel_own_task_then_return() -> str:
-        task = asyncio.current_task()
-        assert task is not None
-        task.cancel()  # delivered at the task's next await, after this call returned
-        return "returned"
-
-    with Client(endpoint.url, max_retries=0) as client:
-        portal = client._live_portal()
-        for i in range(5):
-            assert portal.call(cancel_own_task_then_return) == "returned"
-            assert client.generate(f"next {i}") == f"next {i} :: {{}}"
-        assert client.generate_many(["a", "b"]) == ["a :: {}", "b :: {}"]
-
-
 def test_ctrl_c_before_the_call_starts_keeps_the_client(
     waiters: str, endpoint: ThreadedEndpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -231,7 +212,7 @@ def test_ctrl_c_before_the_call_starts_keeps_the_client(
 
     before = eventfds() if Path("/proc/self/fd").is_dir() else 0
     with Client(endpoint.url, max_retries=0) as client:
-        client.generate("warm")  # the thread's lane is parked, waiting for a call
+        client.generate("warm")  # a spare eventfd now, reused by the next call
         monkeypatch.setattr(_portal, "_wait_for_result", ctrl_c_at_once)
         with pytest.raises(KeyboardInterrupt):
             client.generate("interrupted")
@@ -239,7 +220,7 @@ def test_ctrl_c_before_the_call_starts_keeps_the_client(
             f"then {i} :: {{}}" for i in range(3)
         ]
     if Path("/proc/self/fd").is_dir():
-        assert eventfds() == before  # the abandoned lane's eventfd closed too
+        assert eventfds() == before  # the interrupted call's eventfd closed too
 
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -248,8 +229,8 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 def test_each_call_sees_its_callers_context_variables(
     waiters: str, endpoint: ThreadedEndpoint
 ) -> None:
-    # As a task of its own would: the caller's values at the time of the call, whichever
-    # thread made it and whatever ran before on the same lane.
+    # The caller's values at the time of the call, whichever thread made it and whatever
+    # ran before with the same eventfd.
     endpoint.gate_at = 8
 
     async def gated_read() -> tuple[str, str]:
@@ -378,12 +359,12 @@ def test_a_client_keeps_few_idle_eventfds(
     monkeypatch.setattr(_portal, "_MAX_SPARE", 2)
     before = eventfds()
     with Client(endpoint.url, max_concurrency=8) as client:
-        settle_in_batches(client, endpoint, 8)  # 8 lanes, then 6 of them retire
+        settle_in_batches(client, endpoint, 8)  # 8 eventfds, then 6 of them close
         portal = client._portal
         assert portal is not None
         assert portal._fd_waiters == 8
         assert len(portal._spare) == 2
-        assert client.generate("after") == "after :: {}"  # the loop ran the retirements
+        assert client.generate("after") == "after :: {}"
         assert eventfds() == before + 2
     assert eventfds() == before
 
@@ -446,8 +427,8 @@ def test_a_stream_collected_while_a_call_is_submitted_does_not_hang_it(
 
 @needs_eventfd
 def test_close_closes_the_eventfds_without_waiting_for_the_gc(endpoint: ThreadedEndpoint) -> None:
-    # A lane and its task on the loop refer to each other: close() must not leave their
-    # eventfds to whenever the cyclic GC next finds them.
+    # close() closes the idle eventfds itself: none is left to whenever the cyclic GC
+    # next frees an object that still holds one.
     before = eventfds()
     gc.disable()
     try:
@@ -466,8 +447,8 @@ SET_IN_A_CALL: contextvars.ContextVar[str] = contextvars.ContextVar("set_in_a_ca
 def test_what_a_call_sets_in_its_context_stays_in_that_call(
     waiters: str, endpoint: ThreadedEndpoint
 ) -> None:
-    # As in a task of its own: a hook (or tracing library...) that sets a context variable
-    # during a call leaves no trace in the next call, of this thread or another.
+    # Each call runs in a task of its own: a hook (or tracing library...) that sets a
+    # context variable during a call leaves no trace in the next call, of any thread.
     seen: list[str] = []
 
     def hook(event: object) -> None:
