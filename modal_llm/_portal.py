@@ -272,6 +272,10 @@ class LoopThread:
         self._queue: list[_Job] = []  # calls submitted, not yet started on the loop
         self._wake_scheduled = False  # a _start_queued is on its way to the loop
         self._finished: list[_Job] = []  # settled on the loop, callers not yet woken
+        # Calls whose task exists and has not settled: a task cancelled before its first
+        # step (shutdown cancels every task) never runs its body, so the loop thread's exit
+        # settles what is left here; no caller waits for a task that will never report.
+        self._running: set[_Job] = set()
         self._spare: list[_FdWaiter] = []  # eventfds of calls that have returned
         self._fd_waiters = 0  # eventfds this portal made (under _submit)
         self._thread = threading.Thread(target=self._run, name="modal-llm-loop", daemon=True)
@@ -294,7 +298,9 @@ class LoopThread:
                 with self._submit:
                     queued = list(self._queue)
                     self._queue.clear()
-                for job in queued:  # submitted just before close(): never started
+                stranded = [job for job in self._running if not job.finished]
+                self._running.clear()
+                for job in queued + stranded:  # never started, or cancelled before it ran
                     job.error = asyncio.CancelledError()
                     job.finish()
                 self._release_finished()
@@ -395,6 +401,7 @@ class LoopThread:
 
     def _own_task(self, job: _Job) -> asyncio.Task[None]:
         """A task for ``job`` alone, created in the copy of its caller's context."""
+        self._running.add(job)
         return job.context.run(self.loop.create_task, self._run_job(job))
 
     async def _run_job(self, job: _Job) -> None:
@@ -409,6 +416,7 @@ class LoopThread:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         finally:
+            self._running.discard(job)
             self._finished.append(job)
             if len(self._finished) == 1:
                 self.loop.call_soon(self._release_finished)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from modal_llm import Client, StatusError, _portal
+from modal_llm import Client, ClientClosedError, StatusError, _portal
 
 from .endpoints import WAIT, ThreadedEndpoint
 
@@ -468,3 +468,38 @@ def test_what_a_call_sets_in_its_context_stays_in_that_call(
         calls(2)
     assert seen == ["-"] * 11
     assert SET_IN_A_CALL.get() == "-"
+
+
+def test_a_call_whose_task_is_cancelled_before_it_runs_does_not_hang_its_caller(
+    waiters: str, endpoint: ThreadedEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shutdown cancels every task on the loop; a task cancelled before its first step never
+    # runs its body (so never reports). Here the cancel comes at once, on purpose: the
+    # caller must still get ClientClosedError when the client closes, not wait forever.
+    real_own_task = _portal.LoopThread._own_task
+    started = threading.Event()
+
+    def cancelled_at_once(self: _portal.LoopThread, job: _portal._Job) -> asyncio.Task[None]:
+        task = real_own_task(self, job)
+        task.cancel()
+        started.set()
+        return task
+
+    client = Client(endpoint.url, max_retries=0)  # its set-up is a call too: before the patch
+    monkeypatch.setattr(_portal.LoopThread, "_own_task", cancelled_at_once)
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.generate("never runs")
+        except BaseException as exc:  # the test reports whatever it was
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    assert started.wait(WAIT)
+    client.close()
+    caller.join(WAIT)
+    assert not caller.is_alive(), "the caller waits for a task that never ran"
+    assert [type(exc) for exc in outcome] == [ClientClosedError]
+    assert endpoint.bodies == []  # the call never reached the server
