@@ -81,9 +81,8 @@ async def follow(
 
 def completion_of(reply: Reply) -> Completion:
     """The reply body as a ``Completion``, or ``ContractError``."""
-    parse_reply = _PARSE_REPLY[0] if _PARSE_REPLY else _load_parse_reply()
     try:
-        return parse_reply(reply.body, status_code=reply.status, url=reply.url)
+        return _parse_reply(reply.body, status_code=reply.status, url=reply.url)
     except ContractError:
         # The content-type rule's check on the body, as the stream's text path makes it.
         if looks_like_html(reply.body[:64]):
@@ -115,16 +114,23 @@ def text_of(reply: Reply) -> str:
     return completion_of(reply).prompt
 
 
-_PARSE_REPLY: list[Parser[Completion]] = []
+# Both parsers are bound on first use, each by a stand-in that imports the real one and
+# takes its place: neither ``import modal_llm`` nor ``generate`` pays for pydantic's model
+# machinery, and after the first reply no call runs an import statement.
 
 
-def _load_parse_reply() -> Parser[Completion]:
-    # Imported on first use so that neither ``import modal_llm`` nor ``generate`` pays for
-    # pydantic's model machinery; held here, so a reply costs no import statement.
+def _load_parse_reply(
+    body: bytes, *, status_code: int | None = None, url: object = None
+) -> Completion:
+    """``_parse_reply`` on first use: bind ``_models.parse_reply``."""
+    global _parse_reply
     from ._models import parse_reply
 
-    _PARSE_REPLY.append(parse_reply)
-    return parse_reply
+    _parse_reply = parse_reply
+    return parse_reply(body, status_code=status_code, url=url)
+
+
+_parse_reply: Parser[Completion] = _load_parse_reply
 
 
 def _load_json_parser(body: bytes) -> object:
