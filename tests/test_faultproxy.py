@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -475,3 +475,38 @@ async def test_async_with_starts_and_stops(upstream: Upstream) -> None:
         await proxy.wait_idle()
     assert proxy.open_connections == 0
     assert proxy.counts == {"none": 1}
+
+
+def _outcome(task: asyncio.Future[Any]) -> Any:
+    if task.cancelled():
+        return asyncio.CancelledError()
+    return task.exception() or task.result()
+
+
+async def test_stop_right_after_the_last_connection_ended_returns(
+    upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stop()`` while a connection's task has finished but its done callback has not run.
+
+    ``wait_idle()`` returns in that state. A gather of tasks that have all finished need not
+    yield to the loop: Python 3.12 completes it at once. Here every Python does so; a stop()
+    that waits for the done callbacks to empty its task set would spin forever.
+    """
+    real_gather = asyncio.gather
+    spins = 0
+
+    async def eager_gather(*aws: Any, return_exceptions: bool = False) -> list[Any]:
+        nonlocal spins
+        if aws and all(isinstance(aw, asyncio.Future) and aw.done() for aw in aws):
+            spins += 1
+            assert spins < 100, "stop() spun on tasks that had finished"
+            return [_outcome(aw) for aw in aws]  # no yield to the loop
+        return await real_gather(*aws, return_exceptions=return_exceptions)
+
+    async with FaultProxy("127.0.0.1", upstream.port) as proxy:
+        async with aiohttp.ClientSession() as session:
+            assert await post_json(session, proxy) == JSON_REPLY
+        await proxy.wait_idle()
+        monkeypatch.setattr(asyncio, "gather", eager_gather)
+    assert proxy.open_connections == 0
+    assert proxy.errors == []

@@ -201,6 +201,11 @@ class FaultProxy:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Settled here, not left to their done callbacks: those run on a later loop
+            # iteration, and a gather of tasks that had all finished already need not yield
+            # to the loop (Python 3.12 completes it at once), so this loop would spin.
+            for task in tasks:
+                self._task_done(task)
         for link in list(self._links):  # tasks cancelled before they ever ran
             link.abort()
             await link.wait_closed()
@@ -249,6 +254,9 @@ class FaultProxy:
         return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A proxy task finished: forget it and keep its error, once (stop() may come first)."""
+        if task not in self._tasks:
+            return
         self._tasks.discard(task)
         if task.cancelled():
             return
