@@ -120,6 +120,19 @@ class Redirect:
         self.url = url
 
 
+def deadline_expired(exc: BaseException) -> bool:
+    """Whether ``exc``, caught as ``asyncio.TimeoutError`` around
+    ``asyncio.wait_for(work, <time to the deadline>)``, is that wait's own expiry.
+
+    Only then is it the deadline: ``EndpointTimeoutError``, ``PoolTimeoutError`` and
+    aiohttp's ``ServerTimeoutError`` subclass the builtin ``TimeoutError``, which IS
+    ``asyncio.TimeoutError`` on Python >= 3.11, so a phase timeout raised inside ``work``
+    is caught there too and must pass through with its phase and attempts. ``wait_for``
+    raises the exact class, never a subclass.
+    """
+    return type(exc) is asyncio.TimeoutError
+
+
 def deadline_error(call: Call, endpoint_url: str) -> ModalLLMError:
     """What a call raises when ``Timeout.deadline`` passes: ``ResultPendingError`` once a
     result URL is known (the work goes on; resume it), else a deadline timeout."""

@@ -25,7 +25,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
 from ._batch import BatchResult, ProgressCallback, PromptLike, gather_bounded
-from ._call import Call, Redirect, deadline_error
+from ._call import Call, Redirect, deadline_error, deadline_expired
 from ._config import (
     USE_CLIENT_DEFAULT,
     TimeoutTypes,
@@ -431,7 +431,9 @@ class AsyncClient(PooledClient):
         remaining = call.deadline_at - asyncio.get_running_loop().time()
         try:
             return await asyncio.wait_for(work, remaining)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as exc:
+            if not deadline_expired(exc):
+                raise  # a phase timeout or PoolTimeoutError of the call itself
             raise deadline_error(call, self._url) from None
 
 

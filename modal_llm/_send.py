@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 
-from ._call import ATTEMPT_HEADER, Call, Redirect, Reply
+from ._call import ATTEMPT_HEADER, Call, Redirect, Reply, deadline_expired
 from ._config import DNS_CACHE_TTL, KEEPALIVE_TIMEOUT
 from ._decoders import refusal_message, refused_media_type
 from ._errormap import ErrorMap
@@ -103,7 +103,9 @@ class Opened:
                     raise _deadline_passed(self.url)
                 try:
                     data = await asyncio.wait_for(content.readany(), remaining)
-                except asyncio.TimeoutError:
+                except asyncio.TimeoutError as exc:
+                    if not deadline_expired(exc):
+                        raise  # the read timeout (aiohttp's ServerTimeoutError): mapped above
                     raise _deadline_passed(self.url) from None
         self.received += len(data)
         if self.received > self.cap:

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
-from ._call import Call, Redirect, deadline_error
+from ._call import Call, Redirect, deadline_error, deadline_expired
 from ._decoders import StreamDecoder, decoder_for
 from ._exceptions import (
     ClientClosedError,
@@ -303,7 +303,9 @@ async def stream_pieces(
                     remaining = call.deadline_at - asyncio.get_running_loop().time()
                     try:
                         first = await asyncio.wait_for(opening, remaining)
-                    except asyncio.TimeoutError:
+                    except asyncio.TimeoutError as exc:
+                        if not deadline_expired(exc):
+                            raise  # a phase timeout or PoolTimeoutError: not the deadline
                         raise deadline_error(call, endpoint_url) from None
             finally:
                 if observer is not None:
