@@ -793,7 +793,9 @@ async def test_interim_reply_then_stall_is_bounded_by_the_deadline() -> None:
     server = RawServer(Reply(INTERIM, "hang"))
     await server.start()
     try:
-        timeout = Timeout(0.2, deadline=0.5)
+        # Phase timeouts past the deadline: only the deadline can end this (a shorter
+        # first_byte would, rightly, end it first as a first_byte timeout: review R6).
+        timeout = Timeout(HANG_LIMIT / 2, deadline=0.5)
         async with AsyncClient(server.url, timeout=timeout, max_retries=0) as client:
             with pytest.raises(EndpointTimeoutError) as info:
                 await asyncio.wait_for(client.generate("hi"), HANG_LIMIT)
