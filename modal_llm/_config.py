@@ -75,6 +75,11 @@ DEFAULT_MAX_REPLY_BYTES: Final = 32 * 1024 * 1024
 DEFAULT_STREAM_FLAG: Final = "stream"
 KEEPALIVE_TIMEOUT: Final = 60.0
 DNS_CACHE_TTL: Final = 300
+SOCKET_READ_SIZE: Final = 64 * 1024
+"""Bytes one read of a plain-TCP socket asks for on asyncio's selector loop (its default:
+256 KiB). asyncio allocates each read's full size, then shrinks it to what arrived; glibc
+serves 256 KiB from ``mmap`` (above its 128 KiB threshold), so every read cost an
+``mmap``, ``mremap``, ``munmap`` and a page fault. 64 KiB comes from the heap."""
 
 
 class UseClientDefault:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 import aiohttp
 
 from ._call import ATTEMPT_HEADER, Call, Redirect, Reply, deadline_expired
-from ._config import DNS_CACHE_TTL, KEEPALIVE_TIMEOUT
+from ._config import DNS_CACHE_TTL, KEEPALIVE_TIMEOUT, SOCKET_READ_SIZE
 from ._decoders import refusal_message, refused_media_type
 from ._errormap import ErrorMap
 from ._exceptions import (
@@ -390,12 +390,16 @@ class Transport:
     def _watch_silence(self, opened: Opened) -> None:
         """Move a stream's between-chunks timeout from aiohttp, which re-arms a loop timer
         on every packet, to the shared ``SilenceWatch`` (the same timeout, no per-piece
-        cost). Whatever aiohttp was set to wait is what the watch waits."""
+        cost). Whatever aiohttp was set to wait is what the watch waits. And read the
+        stream's many small packets ``SOCKET_READ_SIZE`` bytes at a time."""
         resp = opened.resp
         connection = resp.connection
         protocol = connection.protocol if connection is not None else None
         if protocol is None or resp.content.is_eof():
             return
+        transport = protocol.transport
+        if getattr(transport, "max_size", 0) > SOCKET_READ_SIZE:  # asyncio's selector one
+            transport.max_size = SOCKET_READ_SIZE  # type: ignore[union-attr]
         seconds = protocol.read_timeout
         if not seconds:
             return

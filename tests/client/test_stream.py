@@ -94,6 +94,15 @@ async def test_sse_stream_and_request_shape(make_endpoint: MakeEndpoint) -> None
         assert kind in accept
 
 
+async def test_a_piece_larger_than_a_socket_read_arrives_whole(make_endpoint: MakeEndpoint) -> None:
+    # A stream's socket is read SOCKET_READ_SIZE (64 KiB) at a time: one event of 300 KB,
+    # written at once, takes several reads and still comes out as one piece.
+    big = "".join(chr(0x41 + i % 26) for i in range(300_000)) + "\u00e9"
+    url = await make_endpoint(streaming("text/event-stream", sse("a", big, "b")))
+    async with AsyncClient(url) as c:
+        assert await collect(c) == ["a", big, "b"]
+
+
 async def test_stream_flag_is_configurable(make_endpoint: MakeEndpoint) -> None:
     seen = Seen()
     url = await make_endpoint(streaming("text/event-stream", sse("a"), seen))
