@@ -15,9 +15,11 @@ import contextlib
 import contextvars
 import os
 import select
+import selectors
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
     P = ParamSpec("P")
 
-__all__ = ["CANCEL_GRACE", "CLOSED_MESSAGE", "CLOSE_TIMEOUT", "LoopThread"]
+__all__ = ["CANCEL_GRACE", "CLOSED_MESSAGE", "CLOSE_TIMEOUT", "FORKED_MESSAGE", "LoopThread"]
 
 T = TypeVar("T")
 
@@ -41,6 +43,10 @@ CLOSE_TIMEOUT: Final = 10.0
 # Windows cannot interrupt a lock wait with Ctrl-C, so the wait is sliced there.
 _WAIT_SLICE: Final = 0.25 if sys.platform == "win32" else None
 CLOSED_MESSAGE: Final = "Cannot use a closed client; create a new one."
+FORKED_MESSAGE: Final = (
+    "This call or stream was started before os.fork(), in the parent process; "
+    "start it again in this process (the client itself works here)"
+)
 
 
 _LIVE_FDS: list[None] = []  # one item per open _FdWaiter in the process (_fd_waiter_budget)
@@ -138,6 +144,32 @@ class _PortalLoop(asyncio.SelectorEventLoop):
     its own: unchanged.)
     """
 
+    def __init__(self) -> None:
+        self.fds = selectors.DefaultSelector()  # kept: disown() needs what it watches
+        super().__init__(self.fds)
+
+    def disown(self) -> None:
+        """In a child made by ``os.fork()``: point the fds shared with the parent at /dev/null.
+
+        The selector (epoll) and the sockets it watches are the parent's too. Closing the
+        child's copies would be harmless, but an unregister (``epoll_ctl``, from a transport
+        closed by the GC) would silence the parent's sockets, and a TLS close would send a
+        close_notify on the parent's connection. ``dup2`` replaces each fd in place, so
+        whatever still holds its number (and closes it one day) holds a private stand-in.
+        """
+        watched = self.fds.get_map()
+        fds = set() if watched is None else {key.fd for key in watched.values()}
+        fileno = getattr(self.fds, "fileno", None)  # epoll, kqueue, devpoll
+        if fileno is not None and watched is not None:
+            fds.add(fileno())
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.dup2(null, fd, inheritable=False)
+        finally:
+            os.close(null)
+
     async def create_connection(  # type: ignore[override]
         self, *args: Any, **kwargs: Any
     ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
@@ -145,6 +177,29 @@ class _PortalLoop(asyncio.SelectorEventLoop):
         if hasattr(transport, "max_size"):  # the selector transport's read size
             transport.max_size = _READ_SIZE
         return transport, protocol
+
+
+_PORTALS: weakref.WeakSet[LoopThread] = weakref.WeakSet()  # every portal of the process
+_FORSAKEN: list[object] = []  # a forked child's portals of its parent, never collected
+
+
+def _after_fork_in_child() -> None:
+    """In a child made by ``os.fork()``: leave every portal of the parent behind.
+
+    Their loop threads did not survive the fork, and their loops' fds are shared with the
+    parent. Each is marked ``forked`` (``Client`` opens a fresh portal and pool on first
+    use), its loop disowns the shared fds, and it is kept alive here so that no finalizer
+    of its loop, pool or connections ever runs in the child.
+    """
+    global _FDS_LOCK
+    _FDS_LOCK = threading.Lock()  # a parent's thread may have held it at the fork
+    for portal in list(_PORTALS):
+        portal.forsake()
+        _FORSAKEN.append(portal)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -266,6 +321,9 @@ class LoopThread:
     def __init__(self) -> None:
         self.loop = _new_loop()
         self.closed = False
+        self.forked = False  # this process is a fork of the one whose portal this was
+        self.left_behind: list[object] = []  # what a forked child must never finalize
+        self.reopening = threading.Lock()  # one Client reopens per fork (_sync.py)
         # Held while submitting and while closing, so no call is queued behind loop.stop().
         self._submit = threading.Lock()
         self._submitting = 0  # the caller thread inside call()'s ``with self._submit``, or 0
@@ -280,6 +338,7 @@ class LoopThread:
         self._fd_waiters = 0  # eventfds this portal made (under _submit)
         self._thread = threading.Thread(target=self._run, name="modal-llm-loop", daemon=True)
         self._thread.start()
+        _PORTALS.add(self)
 
     def _run(self) -> None:
         loop = self.loop
@@ -320,7 +379,7 @@ class LoopThread:
             raise RuntimeError("a blocking Client call cannot run on the client's own loop")
         with self._submit:
             if self.closed:
-                raise ClientClosedError(CLOSED_MESSAGE)
+                raise ClientClosedError(FORKED_MESSAGE if self.forked else CLOSED_MESSAGE)
             # Any allocation here may run the cyclic GC, and with it an abandoned stream's
             # finalizer (close_stream) on this very thread: it must not wait for the lock.
             self._submitting = threading.get_ident()
@@ -350,6 +409,17 @@ class LoopThread:
             raise ClientClosedError("the client was closed while this call was running") from None
         job.error = None  # no reference cycle through the traceback
         raise error
+
+    def forsake(self) -> None:
+        """In a forked child: this portal is the parent's (see ``_after_fork_in_child``)."""
+        self._submit = threading.Lock()  # a parent's thread may have held it at the fork
+        self.reopening = threading.Lock()
+        if self.closed:
+            return  # closed before the fork: stays closed
+        self.closed = self.forked = True
+        if isinstance(self.loop, _PortalLoop):
+            self.loop.disown()
+        self._close_spares()  # the child's copies of the eventfds
 
     def _keep_spare(self, waiter: _FdWaiter) -> None:
         """Keep a returned call's eventfd for the next call, any thread's.

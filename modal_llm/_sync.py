@@ -107,7 +107,8 @@ class Client:
 
     @property
     def closed(self) -> bool:
-        return self._portal is None or self._portal.closed
+        portal = self._portal
+        return portal is None or (portal.closed and not portal.forked)
 
     @property
     def pool(self) -> PoolStats:
@@ -147,8 +148,23 @@ class Client:
     def _live_portal(self) -> LoopThread:
         portal = self._portal
         if portal is None or portal.closed:
+            if portal is not None and portal.forked:
+                return self._reopen_after_fork(portal)
             raise ClientClosedError(CLOSED_MESSAGE)
         return portal
+
+    def _reopen_after_fork(self, portal: LoopThread) -> LoopThread:
+        """In a child made by ``os.fork()``: a loop thread and pool of its own, on first use.
+
+        The parent's portal and pool stay untouched (``LoopThread.forsake``): the child
+        never uses, closes or finalizes the parent's connections.
+        """
+        with portal.reopening:
+            if self._portal is portal:
+                portal.left_behind.append(self._aclient)
+                self._finalizer.detach()
+                self._init(self._options)
+        return self._live_portal()
 
     # -- calls -----------------------------------------------------------------------------
 
