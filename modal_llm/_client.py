@@ -37,6 +37,7 @@ from ._exceptions import (
     mask_error,
 )
 from ._hooks import AttemptHook, CallHooks
+from ._lazy import LazyModule
 from ._lifecycle import PooledClient, State
 from ._pacing import AdaptiveConcurrency, RateLimiter  # map()'s signature: get_type_hints
 from ._stop import StopMatcher, normalize_stop
@@ -44,10 +45,14 @@ from ._types import HeaderTypes, StopTypes
 from ._unary import completion_of, follow, post_and_follow, text_of
 
 if TYPE_CHECKING:
+    import modal_llm._models as _models
+    import modal_llm._streaming as _streaming
+
     from ._call import Reply
-    from ._models import Completion
     from ._otel import CallScope
-    from ._streaming import TextStream  # loaded by the first stream(), not on import
+else:  # loaded by the first reply or stream, not on import (typing.get_type_hints: _lazy.py)
+    _models = LazyModule("modal_llm._models")
+    _streaming = LazyModule("modal_llm._streaming")
 
 __all__ = ["AsyncClient"]
 
@@ -109,7 +114,7 @@ class AsyncClient(PooledClient):
         headers: HeaderTypes = None,
         timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
-    ) -> Completion:
+    ) -> _models.Completion:
         """Like ``generate`` but return the whole reply: ``.text`` and ``.data`` (all keys)."""
         completion, _ = await self._complete(prompt, headers, timeout, extra, completion_of)
         return completion
@@ -120,7 +125,7 @@ class AsyncClient(PooledClient):
         *,
         max_redirects: int | None = None,
         timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
-    ) -> Completion:
+    ) -> _models.Completion:
         """Keep polling a Modal result URL (from ``ResultPendingError.result_url``).
 
         This never sends the prompt again, so the work is paid for once. Each ``resume()``
@@ -293,7 +298,7 @@ class AsyncClient(PooledClient):
         headers: HeaderTypes = None,
         timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
-    ) -> TextStream:
+    ) -> _streaming.TextStream:
         """Stream the generated text piece by piece as the endpoint sends it.
 
         Usage::

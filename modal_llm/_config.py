@@ -14,14 +14,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypedDict
 
+import aiohttp
+
 from ._endpoint import validate_endpoint_url
 from ._exceptions import ConfigError
 from ._hooks import AttemptHook, EventHooks, check_hooks
+from ._lazy import LazyModule
 
 if TYPE_CHECKING:
-    import aiohttp
-    from opentelemetry.metrics import MeterProvider
-    from opentelemetry.trace import TracerProvider
+    from opentelemetry import metrics as otel_metrics
+    from opentelemetry import trace as otel_trace
+else:  # the optional extra: typing.get_type_hints resolves these names on demand
+    otel_metrics = LazyModule("opentelemetry.metrics", optional=True)
+    otel_trace = LazyModule("opentelemetry.trace", optional=True)
 
 __all__ = [
     "DEFAULT_MAX_CONCURRENCY",
@@ -185,8 +190,6 @@ class Timeout:
         Either way the client switches the socket to ``read`` once the headers are in, so
         the long cold-start wait never applies between body chunks.
         """
-        import aiohttp
-
         if streaming:
             # A stream may run for as long as its chunks keep coming, so no total here:
             # sock_read bounds the wait for the headers.
@@ -270,8 +273,8 @@ class ClientSettings(TypedDict, total=False):
     stream_require_done: bool
     connection_limit: int | None
     event_hooks: EventHooks | None
-    tracer_provider: TracerProvider | None
-    meter_provider: MeterProvider | None
+    tracer_provider: otel_trace.TracerProvider | None
+    meter_provider: otel_metrics.MeterProvider | None
     capture_content: bool
 
 
@@ -374,9 +377,9 @@ class ClientOptions:
     stream_require_done: bool = True
     connection_limit: int = DEFAULT_MAX_CONCURRENCY
     event_hooks: dict[str, tuple[AttemptHook, ...]] = field(default_factory=dict)
-    tracer_provider: TracerProvider | None = None
+    tracer_provider: otel_trace.TracerProvider | None = None
     """OpenTelemetry: None uses the global provider (see docs/observability.md)."""
-    meter_provider: MeterProvider | None = None
+    meter_provider: otel_metrics.MeterProvider | None = None
     capture_content: bool = False
     """Record prompts and replies on spans (off: they may hold personal data)."""
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import sys
 import warnings
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -23,9 +24,12 @@ from ._exceptions import ClientClosedError, redact_url
 from ._send import PoolStats, Transport
 from ._telemetry import instrumentation_for
 
-if TYPE_CHECKING:
+if sys.version_info >= (3, 11):  # bound at run time too: typing.get_type_hints needs them
+    from typing import Self, Unpack
+else:
     from typing_extensions import Self, Unpack
 
+if TYPE_CHECKING:
     from ._otel import Instrumentation
 
 __all__ = ["PooledClient", "State"]

@@ -9,6 +9,7 @@ running one (a Jupyter cell) and from many threads sharing one connection pool.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import AsyncGenerator, Generator, Iterable
 from types import TracebackType
@@ -24,17 +25,25 @@ from ._config import (
     UseClientDefault,
 )
 from ._exceptions import ClientClosedError, ModalLLMError, redact_url
+from ._lazy import LazyModule
 from ._pacing import AdaptiveConcurrency, RateLimiter
 from ._portal import CLOSED_MESSAGE, LoopThread
 from ._send import PoolStats
 from ._types import HeaderTypes, StopTypes
 
-if TYPE_CHECKING:
-    from typing_extensions import ParamSpec, Unpack
+if sys.version_info >= (3, 11):  # bound at run time too: typing.get_type_hints needs it
+    from typing import Unpack
+else:
+    from typing_extensions import Unpack
 
-    from ._models import Completion
+if TYPE_CHECKING:
+    from typing_extensions import ParamSpec
+
+    import modal_llm._models as _models
 
     P = ParamSpec("P")
+else:  # loaded by the first reply, not with the Client (typing.get_type_hints: _lazy.py)
+    _models = LazyModule("modal_llm._models")
 
 __all__ = ["Client"]
 
@@ -189,7 +198,7 @@ class Client:
         headers: HeaderTypes = None,
         timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
         **extra: Any,
-    ) -> Completion:
+    ) -> _models.Completion:
         """Like ``generate`` but return the whole reply: ``.text`` and ``.data`` (all keys)."""
         return self._live_portal().call(
             self._aclient.complete, prompt, headers=headers, timeout=timeout, **extra
@@ -201,7 +210,7 @@ class Client:
         *,
         max_redirects: int | None = None,
         timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
-    ) -> Completion:
+    ) -> _models.Completion:
         """Keep polling a Modal result URL (from ``ResultPendingError.result_url``), with a
         hop budget of its own (``max_redirects``, default the client's)."""
         return self._live_portal().call(

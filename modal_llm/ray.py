@@ -41,6 +41,7 @@ from . import (
 from ._auth import CREDENTIAL_HEADERS
 from ._config import ENV_ENDPOINT_URL
 from ._exceptions import redact_url
+from ._lazy import LazyModule
 from ._raycolumns import (
     RESULT_COLUMNS,
     RESULT_SCHEMA,
@@ -52,7 +53,9 @@ from ._raycolumns import (
 from ._types import StopTypes
 
 if TYPE_CHECKING:
-    import ray.data
+    import ray.data as ray_data
+else:  # Ray loads on first use (typing.get_type_hints resolves ray_data then: _lazy.py)
+    ray_data = LazyModule("ray.data", optional=True)
 
 __all__ = [
     "DEFAULT_ACTORS",
@@ -365,7 +368,7 @@ def _spread(ds: Any, batch_size: int, actors: float, calls_per_actor: int) -> An
 
 
 def generate(
-    ds: ray.data.Dataset,
+    ds: ray_data.Dataset,
     endpoint_url: str | None = None,
     *,
     prompt_column: str = "prompt",
@@ -384,7 +387,7 @@ def generate(
     make_client_options: Callable[[], Mapping[str, Any]] | None = None,
     ray_remote_args: Mapping[str, Any] | None = None,
     **client_options: Any,
-) -> ray.data.Dataset:
+) -> ray_data.Dataset:
     """Generate for every row of ``ds``; return a lazy Dataset with the result columns.
 
     The output has the input's columns (minus any named like a result column, which are

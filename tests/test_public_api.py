@@ -99,3 +99,94 @@ def test_the_version_is_the_installed_distributions() -> None:
     from importlib.metadata import version
 
     assert modal_llm.__version__ == version("modal-llm")
+
+
+PUBLIC_PACKAGES = (
+    "modal_llm",
+    "modal_llm.testing",
+    "modal_llm.langchain",
+    "modal_llm.ray",
+    "modal_llm.server",
+    "modal_llm.cli",
+)
+
+
+def _public_callables() -> list[tuple[str, object]]:
+    """Every public class, function and method (ours: defined in modal_llm) of the API."""
+    import importlib
+    import inspect
+
+    found: list[tuple[str, object]] = []
+    for package in PUBLIC_PACKAGES:
+        module = importlib.import_module(package)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            where = f"{package}.{name}"
+            if inspect.isfunction(obj):
+                found.append((where, obj))
+            if not inspect.isclass(obj):
+                continue  # constants, type aliases, submodules
+            found.append((where, obj))
+            for klass in obj.__mro__:
+                if not klass.__module__.startswith("modal_llm"):
+                    continue
+                for attr, value in vars(klass).items():
+                    if attr.startswith("_") and not (attr.startswith("__") and attr.endswith("__")):
+                        continue
+                    if isinstance(value, (classmethod, staticmethod)):
+                        value = value.__func__
+                    elif isinstance(value, property):
+                        value = value.fget
+                    # Only our own functions: pydantic attaches its own model_post_init.
+                    if inspect.isfunction(value) and value.__module__.startswith("modal_llm"):
+                        found.append((f"{where}.{attr}", value))
+    return found
+
+
+def test_every_public_hint_resolves_at_run_time() -> None:
+    """``typing.get_type_hints`` (pydantic's validate_call, typer, FastAPI) works on the API.
+
+    A name a signature uses must be bound in its module at run time: one imported only
+    under ``TYPE_CHECKING`` is a NameError here. What ``import modal_llm`` leaves for later
+    is named through a ``LazyModule`` (``_lazy.py``).
+    """
+    import typing
+
+    failures = []
+    checked = 0
+    for where, obj in _public_callables():
+        try:
+            typing.get_type_hints(obj, include_extras=True)
+        except Exception as exc:
+            failures.append(f"{where}: {type(exc).__name__}: {exc}")
+        checked += 1
+    assert failures == []
+    assert checked > 300, checked
+
+
+def test_hints_resolve_from_a_fresh_import_and_load_deferred_modules_only_then() -> None:
+    code = (
+        "import sys, typing, modal_llm; "
+        "from modal_llm import AsyncClient, ClientOptions; "
+        "before = [m for m in ('modal_llm._models', 'modal_llm._streaming') if m in sys.modules]; "
+        "hints = typing.get_type_hints(AsyncClient.stream); "
+        "reply = typing.get_type_hints(AsyncClient.complete)['return']; "
+        "typing.get_type_hints(ClientOptions); "
+        "print(before, hints['return'].__name__, reply.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "TextStream", "Completion"]
+
+
+def test_a_lazy_module_of_an_optional_extra_that_is_missing_resolves_to_any() -> None:
+    import typing
+
+    from modal_llm._lazy import LazyModule
+
+    missing = LazyModule("modal_llm_no_such_extra", optional=True)
+    assert missing.Provider is typing.Any
+    with pytest.raises(ModuleNotFoundError):
+        LazyModule("modal_llm_no_such_extra").Provider  # noqa: B018
+    with pytest.raises(AttributeError):
+        LazyModule("json")._private  # noqa: B018
+    assert LazyModule("json").dumps([]) == "[]"

@@ -66,6 +66,7 @@ import collections
 import contextlib
 import logging
 import random
+from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
 from modal_llm.server._script import abort_with_rst
@@ -74,7 +75,6 @@ from ._faultplan import FAULT_KINDS, FaultConfig, FaultKind, Limiter, choose_fau
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import TracebackType
 
 __all__ = ["FAULT_KINDS", "FaultConfig", "FaultKind", "FaultProxy", "choose_fault"]
 
