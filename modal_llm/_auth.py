@@ -8,14 +8,21 @@ from collections.abc import Mapping
 from typing import Final
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["CREDENTIAL_HEADERS", "credential_headers", "origin", "same_origin", "secret_values"]
+__all__ = [
+    "CREDENTIAL_HEADERS",
+    "credential_headers",
+    "is_credential_header",
+    "origin",
+    "same_origin",
+    "secret_values",
+    "url_has_credentials",
+]
 
 CREDENTIAL_HEADERS: Final = frozenset(
     {"modal-key", "modal-secret", "authorization", "proxy-authorization", "cookie", "set-cookie"}
 )
-"""The one list of credential headers (lower case): stripped from any request to another
-origin (any redirect status, any hop), masked in ``StatusError.headers``, and their values
-masked wherever a server echoes them back."""
+"""The credential headers proper (lower case): masked by name in ``StatusError.headers``,
+their values masked however short. ``is_credential_header`` adds the secret-looking names."""
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
@@ -40,15 +47,46 @@ def same_origin(a: str, b: str) -> bool:
     return origin(a) == origin(b)
 
 
-def strip_credentials(headers: dict[str, str]) -> dict[str, str]:
-    """A copy of ``headers`` without any credential header."""
-    return {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
-
-
 _SECRET_NAME: Final = re.compile(
     r"key|token|secret|auth|cookie|passw|session|signature|credential", re.IGNORECASE
 )
 """A header name that looks like it carries a credential (``X-Api-Key``, ``X-Auth-Token``)."""
+_NOT_SECRET: Final = frozenset({"idempotency-key"})
+"""Names the pattern matches that carry no secret: the client's own per-call key."""
+
+
+def is_credential_header(name: str) -> bool:
+    """The one notion of a credential header a request sends (any letter case).
+
+    ``CREDENTIAL_HEADERS`` and any name that looks secret (``X-Api-Key``,
+    ``X-Auth-Token``, ``X-Session-Id``...). Such a header is stripped from every request
+    to another origin, its value masked wherever a server echoes it, and refused where
+    Ray would pickle it.
+    """
+    lower = name.lower()
+    if lower in CREDENTIAL_HEADERS:
+        return True
+    return _SECRET_NAME.search(lower) is not None and lower not in _NOT_SECRET
+
+
+def strip_credentials(headers: dict[str, str]) -> dict[str, str]:
+    """A copy of ``headers`` without any credential header (``is_credential_header``)."""
+    return {k: v for k, v in headers.items() if not is_credential_header(k)}
+
+
+def url_has_credentials(url: str) -> bool:
+    """Whether ``url`` carries a credential: userinfo, or a query value (any but Modal's
+    ``__modal_function_call_id``; a bare ``?token`` item is a value)."""
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        return True
+    for pair in parts.query.split("&") if parts.query else ():
+        name, sep, value = pair.partition("=")
+        if name != "__modal_function_call_id" and (value or not sep) and pair:
+            return True
+    return False
+
+
 MIN_MASKED: Final = 4
 """Values shorter than this are not masked (unless sent in a credential header): masking
 ``"1"`` or ``"on"`` everywhere would garble every message, and no credential is so short."""
@@ -71,8 +109,8 @@ def secret_values(headers: Mapping[str, str], url: str) -> tuple[str, ...]:
             found.add(value)
 
     for name, value in headers.items():
-        lower = name.lower()
-        if lower in CREDENTIAL_HEADERS or _SECRET_NAME.search(lower):
+        if is_credential_header(name):
+            lower = name.lower()
             add(value, always=lower in CREDENTIAL_HEADERS)
             scheme, _, credential = value.strip().partition(" ")
             if credential and scheme.isalpha():  # "Bearer <token>": the token alone too
@@ -82,7 +120,9 @@ def secret_values(headers: Mapping[str, str], url: str) -> tuple[str, ...]:
                     add(item.partition("=")[2])
     parts = urlsplit(url)
     for pair in parts.query.split("&") if parts.query else ():
-        name, _, value = pair.partition("=")
+        name, sep, value = pair.partition("=")
+        if not sep:  # a bare "?token" item: the whole item is the value
+            value = name
         if name != "__modal_function_call_id":
             add(value)
             add(unquote(value.replace("+", " ")))

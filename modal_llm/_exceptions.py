@@ -82,7 +82,10 @@ def redact_url(url: object) -> str:
         kept = []
         for pair in parts.query.split("&"):
             name, sep, _ = pair.partition("=")
-            kept.append(pair if name == "__modal_function_call_id" else f"{name}{sep}***")
+            if name == "__modal_function_call_id" or not pair:
+                kept.append(pair)
+            else:  # a bare "?token" item is a value: masked whole
+                kept.append(f"{name}=***" if sep else "***")
         query = "&".join(kept)
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 

@@ -38,7 +38,7 @@ from . import (
     ConfigError,
     ModalLLMError,
 )
-from ._auth import CREDENTIAL_HEADERS
+from ._auth import is_credential_header, url_has_credentials
 from ._config import ENV_ENDPOINT_URL
 from ._exceptions import redact_url
 from ._lazy import LazyModule
@@ -98,10 +98,21 @@ def _check_client_options(options: Mapping[str, Any]) -> None:
     headers = options.get("headers") or {}
     if not isinstance(headers, Mapping):
         raise ConfigError(f"headers must be a mapping, not {type(headers).__name__}")
-    named = sorted(name for name in headers if str(name).lower() in CREDENTIAL_HEADERS)
+    named = sorted(str(name) for name in headers if is_credential_header(str(name)))
     if named:
         names = ", ".join(named)
         raise ConfigError(f"header(s) {names} cannot be passed here: {_CREDENTIALS_HINT}")
+
+
+def _check_url(endpoint_url: object) -> None:
+    """Refuse an ``endpoint_url`` argument that carries a credential (userinfo or query
+    values): Ray pickles it to every actor."""
+    if isinstance(endpoint_url, str) and url_has_credentials(endpoint_url):
+        raise ConfigError(
+            f"endpoint_url {redact_url(endpoint_url)!r} carries credentials (userinfo or query "
+            "values) and cannot be passed here: set MODAL_LLM_ENDPOINT_URL in the actors' "
+            "environment (e.g. runtime_env={'env_vars': {...}}) and leave endpoint_url None"
+        )
 
 
 class Generator:
@@ -159,6 +170,7 @@ class Generator:
         client_options: Mapping[str, Any] | None = None,
         make_client_options: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
+        _check_url(endpoint_url)
         options = dict(client_options or {})
         _check_client_options(options)
         if make_client_options is not None:
@@ -432,7 +444,11 @@ def generate(
         raise ConfigError(f"num_cpus must be a number >= 0, not {num_cpus!r}")
     compute = _compute(actors, calls_per_actor)
     _check_client_options(client_options)
+    _check_url(endpoint_url)
     url = endpoint_url or os.environ.get(ENV_ENDPOINT_URL) or None
+    checked = url
+    if url is not None and url_has_credentials(url):
+        url = None  # the driver's own: the actors read MODAL_LLM_ENDPOINT_URL themselves
     kwargs: dict[str, Any] = {
         "endpoint_url": url,
         "prompt_column": prompt_column,
@@ -445,7 +461,7 @@ def generate(
         "client_options": dict(client_options),
         "make_client_options": make_client_options,
     }
-    if url is not None:
+    if checked is not None:
         # Validate here, in the driver, rather than in every actor on the cluster. The
         # client is never opened, so it holds no connection to close.
         Generator(**{**kwargs, "make_client_options": None})

@@ -57,7 +57,10 @@ AUTH: dict[str, Any] = {
     "modal_secret": SECRET,
     "headers": {"Authorization": BEARER},
 }
-CREDENTIAL_NAMES = frozenset({"modal-key", "modal-secret", "authorization"})
+CREDENTIAL_NAMES = frozenset(
+    {"modal-key", "modal-secret", "authorization", "x-api-key", "x-auth-token", "x-session-id"}
+)
+API_KEY, AUTH_TOKEN, SESSION = "ak-CRED-APIKEY-3e7d", "at-CRED-AUTHTOK-c0a1", "ss-CRED-SESS-77b9"
 SSE = b'data: {"prompt": "streamed"}\n\ndata: [DONE]\n\n'
 
 
@@ -369,11 +372,18 @@ async def test_redirects_never_carry_credentials_to_another_origin(
     origins: TwoOrigins, status: int, route: str, op: str
 ) -> None:
     origins.state.update(route=route, status=str(status), target="stream" if op == "stream" else "")
-    # Credentials from every source, in any letter case: options, headers=, per call.
+    # Credentials from every source, in any letter case: options, headers=, per call; and
+    # every header the client masks as a credential (review R3), not only Modal's own.
+    client_headers = {"authorization": BEARER, "X-Api-Key": API_KEY}
     async with AsyncClient(
-        origins.a, modal_key=KEY, modal_secret=SECRET, headers={"authorization": BEARER}
+        origins.a, modal_key=KEY, modal_secret=SECRET, headers=client_headers
     ) as client:
-        call_headers = {"X-Status": str(status), "MODAL-KEY": KEY}
+        call_headers = {
+            "X-Status": str(status),
+            "MODAL-KEY": KEY,
+            "x-auth-token": AUTH_TOKEN,
+            "X-Session-Id": SESSION,
+        }
         if op == "generate":
             text = await client.generate("hi", headers=call_headers)
         else:
@@ -385,7 +395,8 @@ async def test_redirects_never_carry_credentials_to_another_origin(
     for method, path, headers in origins.seen_b.requests:
         assert method == "GET"
         assert not carries_credentials(headers), f"{path} got {sorted(headers)}"
-        assert_hidden(json.dumps(headers))
+        assert_hidden(json.dumps(headers), secrets=(*SECRETS, API_KEY, AUTH_TOKEN, SESSION))
+        assert "Idempotency-Key" in headers  # not a credential: the call's own key
     first = origins.seen_a.requests[0]
     assert first[0] == "POST" and carries_credentials(first[2])
     if route != "direct":  # the same-origin hop keeps them: Modal asks for them there too

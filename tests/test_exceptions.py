@@ -26,6 +26,7 @@ from modal_llm._exceptions import excerpt, redact_url, status_error_class
             "https://x.modal.run/a?__modal_function_call_id=fc-1",
         ),
         ("http://127.0.0.1:8000/#frag", "http://127.0.0.1:8000/"),
+        ("https://x.modal.run/a?SECRETTOKEN&b=2", "https://x.modal.run/a?***&b=***"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:

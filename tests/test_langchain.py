@@ -28,7 +28,7 @@ from langchain_core.prompts import PromptTemplate
 from pydantic import SecretStr, ValidationError
 
 from modal_llm import StatusError
-from modal_llm.langchain import Modal
+from modal_llm.langchain import ChatModal, Modal
 from modal_llm.langchain._clients import client_cap
 
 from .endpoints import STREAM_PIECES, WAIT, ThreadedEndpoint
@@ -374,6 +374,59 @@ def test_secrets_never_shown(endpoint: ThreadedEndpoint, caplog: pytest.LogCaptu
         Modal(endpoint_url="ftp://nope", **AUTH)
     assert KEY not in str(info.value)
     assert SECRET not in str(info.value)
+
+
+class StartRecorder(BaseCallbackHandler):
+    """Everything a tracer gets at the start of a run, as text."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_llm_start(self, serialized: Any, prompts: Any, **kw: Any) -> None:
+        self.seen.append(repr((serialized, kw)))
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, **kw: Any) -> None:
+        self.seen.append(repr((serialized, kw)))
+
+
+@pytest.mark.filterwarnings("ignore::langchain_core._api.beta_decorator.LangChainBetaWarning")
+@pytest.mark.parametrize("cls", [Modal, ChatModal])
+def test_the_endpoint_urls_query_values_are_never_shown(
+    endpoint: ThreadedEndpoint, cls: type[Modal] | type[ChatModal]
+) -> None:
+    # docs/errors.md: the endpoint URL's query values are credentials (R2); userinfo is
+    # refused at construction.
+    token = "qs-LC-QUERY-TOKEN-5e1"
+    url = endpoint.url + f"?token={token}"
+    llm = cls(endpoint_url=url)
+    recorder = StartRecorder()
+    llm.invoke("hi", config={"callbacks": [recorder]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        as_dict = llm.dict()
+    shown = [
+        repr(llm),
+        str(llm),
+        dumps(llm),
+        repr(as_dict),
+        repr(llm._identifying_params),
+        repr(llm.model_dump()),
+        llm.model_dump_json(),
+        *recorder.seen,
+    ]
+    assert len(recorder.seen) == 1
+    for text in shown:
+        assert token not in text, text
+    assert "token=***" in repr(llm)
+    other = cls(endpoint_url=url.replace(token, "qs-another-token"))
+    assert other._identifying_params != llm._identifying_params  # the LLM cache keeps apart
+    again = loads(  # the URL is serialized as a secret, as modal_key is
+        dumps(llm),
+        secrets_map={"MODAL_LLM_ENDPOINT_URL": url},
+        valid_namespaces=["modal_llm"],
+        allowed_objects=[cls],
+    )
+    assert again.endpoint_url == url
 
 
 @pytest.mark.filterwarnings("ignore::langchain_core._api.beta_decorator.LangChainBetaWarning")

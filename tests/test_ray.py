@@ -148,6 +148,8 @@ async def test_an_error_that_is_not_a_modal_llm_error_propagates() -> None:
         {"modal_key": KEY, "modal_secret": SECRET},
         {"headers": {"Modal-Secret": SECRET}},
         {"headers": {"authorization": f"Bearer {SECRET}"}},
+        {"headers": {"X-Api-Key": SECRET}},  # any header the client masks (review R3)
+        {"headers": {"x-auth-token": SECRET}},
     ],
 )
 @pytest.mark.usefixtures("local_ray")  # ray.data.from_items would start a Ray of its own
@@ -157,6 +159,30 @@ def test_credentials_are_refused_as_arguments(options: dict[str, Any]) -> None:
     assert SECRET not in str(info.value)
     with pytest.raises(ConfigError, match="runtime_env"):
         generate(ray.data.from_items([{"prompt": "x"}]), "http://127.0.0.1:9/", **options)
+
+
+@pytest.mark.parametrize(
+    "url", [f"http://127.0.0.1:9/?token={SECRET}", f"http://user:{SECRET}@127.0.0.1:9/"]
+)
+@pytest.mark.usefixtures("local_ray")
+def test_an_endpoint_url_with_credentials_is_refused_as_an_argument(url: str) -> None:
+    with pytest.raises(ConfigError, match="MODAL_LLM_ENDPOINT_URL") as info:
+        Generator(url)
+    assert SECRET not in str(info.value)
+    with pytest.raises(ConfigError, match="MODAL_LLM_ENDPOINT_URL"):
+        generate(ray.data.from_items([{"prompt": "x"}]), url)
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_the_drivers_endpoint_url_with_credentials_is_not_pickled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MODAL_LLM_ENDPOINT_URL", f"http://127.0.0.1:9/?token={SECRET}")
+    ds = ray.data.from_items([{"prompt": "x"}])
+    assert SECRET.encode() not in ray.cloudpickle.dumps(generate(ds, spread=False))
+    monkeypatch.setenv("MODAL_LLM_ENDPOINT_URL", "http://127.0.0.1:9/no-credential-here")
+    control = ray.cloudpickle.dumps(generate(ds, spread=False))
+    assert b"no-credential-here" in control  # such a URL is pickled: the test sees into the plan
 
 
 @pytest.mark.usefixtures("local_ray")

@@ -21,9 +21,10 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
+from .._auth import url_has_credentials
 from .._batch import BatchItem
 from .._client import AsyncClient
-from .._config import ENV_KEY, ENV_SECRET
+from .._config import ENV_ENDPOINT_URL, ENV_KEY, ENV_SECRET
 from .._progress import Progress
 from .._run import run
 from .batch_input import BatchInput
@@ -87,6 +88,9 @@ def run_on_ray(
     env = {}
     if options.modal_key is not None and options.modal_secret is not None:
         env = {ENV_KEY: options.modal_key, ENV_SECRET: options.modal_secret}
+    url: str | None = options.endpoint_url
+    if url_has_credentials(options.endpoint_url):  # never a pickled argument: an env var
+        env[ENV_ENDPOINT_URL], url = options.endpoint_url, None
     runtime_env = _start_ray(args.ray, env)
     actors = args.ray_actors
     rows = [
@@ -101,7 +105,7 @@ def run_on_ray(
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     out = mray.generate(
         ray.data.from_items(rows),
-        options.endpoint_url,
+        url,
         extra_column="_args",
         stop=args.stop,
         rate_limit=None if args.rate is None else args.rate / actors,

@@ -8,6 +8,7 @@ Neither class has HTTP, retry or parsing logic of its own: every call goes throu
 from __future__ import annotations
 
 import copy
+import hashlib
 import threading
 import warnings
 from collections.abc import (
@@ -15,6 +16,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterator,
+    Mapping,
     Sequence,
 )
 from typing import Any, Final, cast
@@ -32,8 +34,17 @@ from langchain_core.runnables.config import (
 )
 from langchain_core.utils import from_env, secret_from_env
 from langchain_core.utils.utils import get_pydantic_field_names
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_serializer,
+    model_validator,
+)
 
+from .._auth import url_has_credentials
 from .._batch import gather_bounded
 from .._client import AsyncClient
 from .._config import (
@@ -46,7 +57,7 @@ from .._config import (
     ENV_SECRET,
     ClientOptions,
 )
-from .._exceptions import ConfigError, ModalLLMError
+from .._exceptions import ConfigError, ModalLLMError, redact_url
 from .._stop import normalize_stop
 from .._sync import Client
 from ._clients import REQUESTED, LoopClients, alimited, client_cap, limited, requested_limit
@@ -180,7 +191,36 @@ class ModalBase(BaseModel):
 
     @property
     def lc_secrets(self) -> dict[str, str]:
-        return {"modal_key": ENV_KEY, "modal_secret": ENV_SECRET}
+        secrets = {"modal_key": ENV_KEY, "modal_secret": ENV_SECRET}
+        if url_has_credentials(self.endpoint_url):  # serialized as a secret, read from env
+            secrets["endpoint_url"] = ENV_ENDPOINT_URL
+        return secrets
+
+    # -- what is shown: the endpoint URL's query values and userinfo are credentials ------
+
+    def _endpoint_params(self) -> dict[str, Any]:
+        """``endpoint_url`` as reprs, params and callbacks show it: a URL that carries a
+        credential is masked, with a digest so that two such endpoints stay apart (the
+        LLM cache keys on these params)."""
+        url = self.endpoint_url
+        if not url_has_credentials(url):
+            return {"endpoint_url": url}
+        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+        return {"endpoint_url": redact_url(url), "endpoint_digest": digest}
+
+    @property
+    def _identifying_params(self) -> Mapping[str, Any]:
+        return {**self._endpoint_params(), "model_kwargs": self.model_kwargs}
+
+    @field_serializer("endpoint_url")
+    def _dump_endpoint_url(self, url: str) -> str:
+        return redact_url(url) if url_has_credentials(url) else url
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name == "endpoint_url" and isinstance(value, str):
+                value = self._dump_endpoint_url(value)
+            yield name, value
 
     # -- clients ---------------------------------------------------------------------------
 

@@ -147,10 +147,6 @@ class ChatModal(ModalBase, BaseChatModel):
     def _llm_type(self) -> str:
         return "modal-chat"
 
-    @property
-    def _identifying_params(self) -> Mapping[str, Any]:
-        return {"endpoint_url": self.endpoint_url, "model_kwargs": self.model_kwargs}
-
     def _check_model_args(self, args: Mapping[str, Any]) -> None:
         for name, feature in _REFUSED.items():
             if args.get(name):

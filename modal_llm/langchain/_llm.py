@@ -11,7 +11,7 @@ A drop-in replacement for ``langchain_community.llms.Modal``::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -46,10 +46,6 @@ class Modal(ModalBase, LLM):
     @property
     def _llm_type(self) -> str:
         return "modal"
-
-    @property
-    def _identifying_params(self) -> Mapping[str, Any]:
-        return {"endpoint_url": self.endpoint_url, "model_kwargs": self.model_kwargs}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         """Tracing parameters: ``ls_model_name`` is ``model_kwargs["model"]`` when given,
