@@ -1,4 +1,4 @@
-"""What ``Modal`` and ``ChatModal`` share: settings, clients per event loop and cap, batches.
+"""What ``Modal`` and ``ChatModal`` share: settings, clients per event loop and cap, runs.
 
 Neither class has HTTP, retry or parsing logic of its own: every call goes through an
 ``AsyncClient`` (one per running event loop and concurrency cap) or a blocking ``Client``
@@ -13,24 +13,16 @@ import threading
 import warnings
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
-    Callable,
     Iterator,
     Mapping,
-    Sequence,
 )
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
-from langchain_core.caches import BaseCache
-from langchain_core.callbacks import AsyncCallbackManager, BaseCallbackManager, Callbacks
-from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import (
     ensure_config,
-    get_config_list,
-    get_executor_for_config,
 )
 from langchain_core.utils import from_env, secret_from_env
 from langchain_core.utils.utils import get_pydantic_field_names
@@ -45,7 +37,6 @@ from pydantic import (
 )
 
 from .._auth import url_has_credentials
-from .._batch import gather_bounded
 from .._client import AsyncClient
 from .._config import (
     DEFAULT_MAX_CONCURRENCY,
@@ -60,6 +51,7 @@ from .._config import (
 from .._exceptions import ConfigError, ModalLLMError, redact_url
 from .._stop import normalize_stop
 from .._sync import Client
+from ._batches import Batches
 from ._clients import REQUESTED, LoopClients, alimited, client_cap, limited, requested_limit
 
 __all__ = ["ModalBase", "UnsupportedFeatureError"]
@@ -81,7 +73,7 @@ def _reveal(secret: SecretStr | None) -> str | None:
     return None if secret is None else secret.get_secret_value()
 
 
-class ModalBase(BaseModel):
+class ModalBase(Batches, BaseModel):
     """Settings and client plumbing shared by ``Modal`` and ``ChatModal`` (a mixin).
 
     Unknown keyword arguments are moved into ``model_kwargs`` with a ``UserWarning``.
@@ -352,151 +344,3 @@ class ModalBase(BaseModel):
         requested = ensure_config(config).get("max_concurrency")
         pieces = cast(Any, super()).astream(input, config, stop=stop, **kwargs)
         return alimited(pieces, requested)
-
-    def batch(
-        self,
-        inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[Any]:
-        """``invoke`` each input on a thread pool of ``max_concurrency`` (config or field).
-
-        All threads share one blocking ``Client`` whose cap allows that many. With
-        ``return_exceptions=True`` a failing input's slot holds its own exception.
-        """
-        if not inputs:
-            return []
-        configs = get_config_list(config, len(inputs))
-        requested = configs[0].get("max_concurrency")
-        limit = requested or self.max_concurrency
-        pool_config: RunnableConfig = {**configs[0], "max_concurrency": min(limit, len(inputs))}
-        invoke = cast(Any, self).invoke
-        results: list[Any] = []
-        token = REQUESTED.set(requested)
-        try:
-            # LangChain's executor copies this context into each thread: same client cap.
-            with get_executor_for_config(pool_config) as executor:
-                futures = [
-                    executor.submit(invoke, item, item_config, **kwargs)
-                    for item, item_config in zip(inputs, configs, strict=True)
-                ]
-                try:
-                    for future in futures:
-                        try:
-                            results.append(future.result())
-                        except Exception as exc:
-                            if not return_exceptions:
-                                raise
-                            results.append(exc)
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
-        finally:
-            REQUESTED.reset(token)
-        return results
-
-    async def abatch(
-        self,
-        inputs: list[LanguageModelInput],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[Any]:
-        """``ainvoke`` each input, at most ``max_concurrency`` (config or field) at once.
-
-        With ``return_exceptions=True`` a failing input's slot holds its own exception;
-        otherwise the first failure cancels the rest and is raised. When nothing observes
-        the runs (no callbacks or tracer, no cache; see docs/langchain.md) the inputs go
-        straight to the client with the model arguments worked out once for the batch,
-        the same results and errors without LangChain's per-run bookkeeping.
-        """
-        if not inputs:
-            return []
-        if isinstance(config, Sequence) and len(config) != len(inputs):
-            get_config_list(config, len(inputs))  # raises LangChain's own ValueError
-        first = config[0] if isinstance(config, Sequence) else config
-        requested = (first or {}).get("max_concurrency")
-        limit = min(requested or self.max_concurrency, len(inputs))
-        token = REQUESTED.set(requested)
-        try:
-            call = await self._quiet_call(config, kwargs)
-            if call is not None:
-                replies = await gather_bounded(
-                    call, inputs, concurrency=limit, return_exceptions=return_exceptions
-                )
-                return self._batch_results(replies)
-            configs = get_config_list(config, len(inputs))
-            ainvoke = cast(Any, self).ainvoke
-
-            async def one(pair: tuple[LanguageModelInput, RunnableConfig]) -> Any:
-                return await ainvoke(pair[0], pair[1], **kwargs)
-
-            return await gather_bounded(
-                one,
-                zip(inputs, configs, strict=True),
-                concurrency=limit,
-                return_exceptions=return_exceptions,
-            )
-        finally:
-            REQUESTED.reset(token)
-
-    # -- batches nobody observes -----------------------------------------------------------
-
-    def _observed(self, config: RunnableConfig | list[RunnableConfig] | None) -> bool:
-        """Whether a run under ``config`` has a callback, tracer or cache to serve."""
-        model = cast(Any, self)  # a LangChain model: callbacks, verbose and cache are its own
-        if model.callbacks or model.verbose or self.streaming:
-            return True
-        cache = model.cache
-        if cache is not False and (isinstance(cache, BaseCache) or get_llm_cache() is not None):
-            return True
-        configs = config if isinstance(config, Sequence) else [config]
-        first = ensure_config(configs[0])  # also the parent run's config, if any
-        # configure() adds what the environment asks for (LangSmith tracing, say).
-        manager = AsyncCallbackManager.configure(first.get("callbacks"), None, False)
-        if manager.handlers or manager.inheritable_handlers:
-            return True
-        return any(_has_handlers(c.get("callbacks")) for c in configs[1:] if c)
-
-    async def _quiet_call(
-        self, config: RunnableConfig | list[RunnableConfig] | None, kwargs: dict[str, Any]
-    ) -> Callable[[LanguageModelInput], Awaitable[Any]] | None:
-        """A per-input call for a batch nobody observes, or ``None`` to run LangChain's way.
-
-        ``None`` also when the model arguments are invalid: LangChain's path then raises
-        (or, with ``return_exceptions``, returns) the error per input, as it always did.
-        """
-        if self._observed(config):
-            return None
-        args = dict(kwargs)
-        stop = args.pop("stop", None)
-        try:
-            params = self._model_args(stop, args)
-        except ModalLLMError:
-            return None
-        client = await self._loop_client()
-        return self._batch_call(client, params)
-
-    def _batch_call(
-        self, client: AsyncClient, params: dict[str, Any]
-    ) -> Callable[[LanguageModelInput], Awaitable[Any]] | None:
-        """One input's call (hook; both classes define it). What it returns becomes what
-        ``ainvoke`` would have returned in ``_batch_results``."""
-        return None
-
-    def _batch_results(self, replies: list[Any]) -> list[Any]:
-        """``abatch``'s results from ``_batch_call``'s replies, once every request is done
-        (hook; ``ChatModal`` builds its messages here). Exceptions stay as they are."""
-        return replies
-
-
-def _has_handlers(callbacks: Callbacks) -> bool:
-    if callbacks is None:
-        return False
-    if isinstance(callbacks, BaseCallbackManager):
-        return bool(callbacks.handlers or callbacks.inheritable_handlers)
-    return bool(callbacks)

@@ -252,11 +252,15 @@ class ChatModal(ModalBase, BaseChatModel):
         return call
 
     def _batch_results(self, replies: list[Any]) -> list[Any]:
+        output = self._batch_output
         for index, reply in enumerate(replies):
             if isinstance(reply, (str, tuple)):  # an exception stays in its slot
-                # LangChain names a reply after its run ("lc_run--<run id>-<index>").
-                replies[index] = _message(reply, id=f"{LC_ID_PREFIX}-{uuid7()}-0")
+                replies[index] = output(reply)
         return replies
+
+    def _batch_output(self, reply: _Reply) -> AIMessage:
+        # LangChain names a reply after its run ("lc_run--<run id>-<index>").
+        return _message(reply, id=f"{LC_ID_PREFIX}-{uuid7()}-0")
 
     @staticmethod
     def _result(completion: Completion, stop: tuple[str, ...] | None) -> ChatResult:
