@@ -190,3 +190,35 @@ def test_a_lazy_module_of_an_optional_extra_that_is_missing_resolves_to_any() ->
     with pytest.raises(AttributeError):
         LazyModule("json")._private  # noqa: B018
     assert LazyModule("json").dumps([]) == "[]"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("uvloop", [False, True])
+def test_ctrl_c_cancels_the_main_task_then_raises_keyboard_interrupt(uvloop: bool) -> None:
+    """``run()``: Ctrl-C unwinds the program as a cancellation, on every Python.
+
+    Python 3.11's ``asyncio.run`` does this itself; 3.10's raised ``KeyboardInterrupt``
+    wherever the loop was (in aiohttp's ``data_received``, say), so no ``except
+    CancelledError`` or orderly ``finally`` of the program ran.
+    """
+    code = (
+        "import asyncio, os, signal, modal_llm\n"
+        "async def main():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        await asyncio.sleep(30)\n"
+        "    except asyncio.CancelledError:\n"
+        "        print('cancelled')\n"
+        "        raise\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('KeyboardInterrupt inside')\n"
+        "        raise\n"
+        "try:\n"
+        f"    modal_llm.run(main(), uvloop={uvloop})\n"
+        "except KeyboardInterrupt:\n"
+        "    print('KeyboardInterrupt')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.split("\n") == ["cancelled", "KeyboardInterrupt", ""], out
