@@ -359,7 +359,14 @@ def test_a_client_keeps_few_idle_eventfds(
     monkeypatch.setattr(_portal, "_MAX_SPARE", 2)
     before = eventfds()
     with Client(endpoint.url, max_concurrency=8) as client:
-        settle_in_batches(client, endpoint, 8)  # 8 eventfds, then 6 of them close
+        # 8 calls all in flight together (the gate opens at 8): none can reuse the eventfd
+        # of one that returned, so 8 eventfds (one of them the open's); then 6 close.
+        # (settle_in_batches' failing calls return early: how many eventfds a thread's
+        # next call finds idle depends on timing.)
+        endpoint.gate_at = 8
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(client.generate, [f"gate: {i}" for i in range(8)]))
+        assert texts == [f"gate: {i} :: {{}}" for i in range(8)]
         portal = client._portal
         assert portal is not None
         assert portal._fd_waiters == 8
