@@ -29,6 +29,7 @@ __all__ = [
     "per_second",
     "port",
     "seconds",
+    "stop_sequence",
 ]
 
 MAX_SECONDS: Final = 7 * 24 * 3600.0
@@ -157,6 +158,14 @@ def header_value(text: str) -> str:
 def non_empty(text: str) -> str:
     """Any text but the empty string (or only spaces)."""
     if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def stop_sequence(text: str) -> str:
+    """A stop sequence: any text but the empty string (a blank line, ``"\\n\\n"``, is the
+    most common one), as the library's ``stop=`` takes."""
+    if not text:
         raise argparse.ArgumentTypeError("must not be empty")
     return text
 

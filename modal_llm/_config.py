@@ -122,12 +122,15 @@ def _check_seconds(name: str, value: object) -> float | None:
         raise ConfigError(f"timeout {name} must be a number of seconds or None, not {value!r}")
     if not value > 0 or math.isnan(value):
         raise ConfigError(f"timeout {name} must be > 0 seconds, not {value!r}")
+    if value == math.inf:
+        return None  # unbounded, as None (trio and anyio read inf so too)
     return float(value)
 
 
 @dataclass(frozen=True, slots=True, init=False)
 class Timeout:
-    """Timeouts named after what they bound, in seconds (``None`` means unbounded).
+    """Timeouts named after what they bound, in seconds (``None`` or ``math.inf`` means
+    unbounded; ``inf`` is stored as ``None``).
 
     Usage::
 
@@ -252,8 +255,8 @@ class RetryPolicy:
             raise ConfigError(f"max_retries must be >= 0, not {self.max_retries}")
         for name in ("wait_initial", "wait_max", "jitter", "max_retry_after"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{name} must be a number >= 0, not {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"{name} must be a number >= 0, not {value!r}")  # NaN too
         object.__setattr__(self, "retry_statuses", frozenset(self.retry_statuses))
 
 

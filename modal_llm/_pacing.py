@@ -3,7 +3,9 @@
 ``Slots`` is a first-come first-served semaphore (the client's ``max_concurrency``, a
 fan-out's window). ``RateLimiter`` books time slots (GCRA); ``AdaptiveConcurrency`` bounds
 requests in flight and moves that bound with the endpoint's 429/503 answers. Both can be
-shared between ``map`` calls; none knows the client.
+shared between ``map`` calls, also of clients on other event loops and threads (blocking
+``Client``s): their state is under a lock and a waiter on another loop is woken on its own
+loop. None knows the client.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -101,6 +104,7 @@ class RateLimiter:
         # booking is given back once every booking after it is (the tail of the clock).
         self._returned: dict[float, float | None] = {}
         self._booked: tuple[float | None, float] | None = None
+        self._lock = threading.Lock()  # shared by maps on several loops or threads
 
     def __repr__(self) -> str:
         return f"RateLimiter(rate={self.rate:g}, burst={self.burst})"
@@ -117,16 +121,18 @@ class RateLimiter:
 
     async def acquire(self) -> None:
         """Wait for this request's slot. A cancelled wait gives the slot back if it can."""
-        self._take_booking()
-        delay = self.reserve()
-        booked = self._take_booking()  # None if a subclass's reserve() did not book with ours
+        with self._lock:
+            self._take_booking()
+            delay = self.reserve()
+            booked = self._take_booking()  # None if a subclass's reserve() did not book
         if delay <= 0:
             return
         try:
             await asyncio.sleep(delay)
         except asyncio.CancelledError:
             if booked is not None:
-                self._give_back(*booked)
+                with self._lock:
+                    self._give_back(*booked)
             raise
 
     def _take_booking(self) -> tuple[float | None, float] | None:
@@ -202,6 +208,7 @@ class AdaptiveConcurrency:
         self._issued = 0  # tickets handed out: a ticket orders a request against the last cut
         self._cut_at = 0  # requests with a ticket below this were in flight at the last cut
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._lock = threading.Lock()  # shared by maps on several loops or threads
 
     def __repr__(self) -> str:
         return (
@@ -224,50 +231,80 @@ class AdaptiveConcurrency:
 
     async def acquire(self) -> int:
         """Wait until a request may start; return its ticket (pass it to ``on_congestion``)."""
-        while self._in_flight >= self._limit:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+        while True:
+            with self._lock:
+                if self._in_flight < self._limit:
+                    self._in_flight += 1
+                    self._issued += 1
+                    return self._issued - 1
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.append(waiter)
             try:
-                await waiter
+                await waiter  # then check again: another loop may have taken the turn
             except asyncio.CancelledError:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                elif not waiter.cancelled():
+                with self._lock:
+                    woken = waiter not in self._waiters
+                    if not woken:
+                        self._waiters.remove(waiter)
+                if woken:
                     self._wake()  # we were woken but leave: pass the turn on
                 raise
-        self._in_flight += 1
-        self._issued += 1
-        return self._issued - 1
 
     def release(self, *, success: bool) -> None:
         """End a request; a success counts towards growing the limit."""
-        self._in_flight -= 1
-        if success:
-            self._clean += 1
-            if self._clean >= self._limit and self._limit < self.maximum:
-                self._limit = min(self.maximum, self._limit + self.increase)
-                self._clean = 0
-                self.increases += 1
+        with self._lock:
+            self._in_flight -= 1
+            if success:
+                self._clean += 1
+                if self._clean >= self._limit and self._limit < self.maximum:
+                    self._limit = min(self.maximum, self._limit + self.increase)
+                    self._clean = 0
+                    self.increases += 1
         self._wake()
 
     def on_congestion(self, ticket: int) -> bool:
         """Record a 429/503 for the request holding ``ticket``; return True if the limit fell."""
-        self._clean = 0
-        if ticket < self._cut_at:
-            return False  # it was already in flight when we last cut: same window
-        self._cut_at = self._issued
-        new = max(self.minimum, min(self._limit - 1, math.floor(self._limit * self.decrease)))
-        if new == self._limit:
-            return False
-        self._limit = new
-        self.lowest = min(self.lowest, new)
-        self.decreases += 1
-        return True
+        with self._lock:
+            self._clean = 0
+            if ticket < self._cut_at:
+                return False  # it was already in flight when we last cut: same window
+            self._cut_at = self._issued
+            limit = self._limit
+            new = max(self.minimum, min(limit - 1, math.floor(limit * self.decrease)))
+            if new == limit:
+                return False
+            self._limit = new
+            self.lowest = min(self.lowest, new)
+            self.decreases += 1
+            return True
 
     def _wake(self) -> None:
-        free = self._limit - self._in_flight
-        while free > 0 and self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                free -= 1
+        """Wake as many waiters as there are free turns, each on its own event loop."""
+        with self._lock:
+            free = self._limit - self._in_flight
+            woken = []
+            while free > 0 and self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    woken.append(waiter)
+                    free -= 1
+        if not woken:
+            return
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        for waiter in woken:
+            loop = waiter.get_loop()
+            if loop is here:
+                _resolve(waiter)
+            else:
+                try:
+                    loop.call_soon_threadsafe(_resolve, waiter)
+                except RuntimeError:  # its loop is closed: nobody waits there any more
+                    self._wake()
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -100,6 +100,20 @@ async def test_generate_streams_with_params_and_stop(
     }
 
 
+@pytest.mark.parametrize("stop", ["\n\n", "\n", " "])
+async def test_a_whitespace_stop_sequence_works_as_in_the_docs(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    # docs/cli.md: modal-llm generate "Tell me a story" --stream --stop $'\n\n' (review R10)
+    from modal_llm.testing import local_endpoint
+
+    async with local_endpoint(script=[f"Once{stop}upon a time"], pieces=3) as endpoint:
+        monkeypatch.setenv("MODAL_LLM_ENDPOINT_URL", endpoint.url)
+        code = await run_cli("generate", "Tell me a story", "--stream", "--stop", stop)
+    assert code == EXIT_OK
+    assert capsys.readouterr().out == "Once\n"
+
+
 async def test_generate_auth_from_env_or_flags(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -61,7 +61,7 @@ CLIENT_BAD_VALUES = [
     ("generate", "--max-retries", "99999999999999999999", "must be at most 1000"),
     ("generate", "--param", "t=NaN", "NaN is not a JSON number"),
     ("generate", "--param", "t=1e999", "out of range for a JSON number"),
-    ("generate", "--stop", "", "must not be empty"),
+    ("generate", "--stop", "", "must not be empty"),  # only the empty one: "\n\n" is fine
     ("batch", "--concurrency", "0", "must be at least 1"),
     ("batch", "--concurrency", "1000000", "must be at most 10000"),
     ("batch", "--rate", "0", "must be a positive rate"),

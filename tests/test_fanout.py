@@ -604,3 +604,33 @@ async def test_map_yields_batch_results(make_endpoint: MakeEndpoint) -> None:
     assert [r.id for r in results] == [0, "x", 2]
     assert isinstance(results[2].error, StatusError)
     assert results[0].attempts == 1
+
+
+@pytest.mark.parametrize("shared", ["adaptive", "rate_limit"])
+def test_a_limiter_shared_by_clients_on_other_threads_never_hangs(shared: str) -> None:
+    """One AdaptiveConcurrency (or RateLimiter) for two blocking Clients, each on its own
+    loop thread: a turn freed on one loop wakes a waiter on the other (review R12: the
+    waiter's loop was never woken, so a map waited forever)."""
+    import threading
+
+    from modal_llm import Client, RateLimiter
+    from modal_llm.testing import LocalEndpoint
+
+    limiter: object = AdaptiveConcurrency(1) if shared == "adaptive" else RateLimiter(1000)
+    results: list[list[bool]] = []
+    with LocalEndpoint() as endpoint:
+
+        def work() -> None:
+            with Client(endpoint.url) as client:
+                options: dict[str, Any] = {shared: limiter}
+                results.append([r.ok for r in client.map(["a"] * 20, **options)])
+
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)  # a bound on a hang, not a timing assert
+        assert not any(thread.is_alive() for thread in threads), "a map hangs"
+    assert results == [[True] * 20, [True] * 20]
+    if isinstance(limiter, AdaptiveConcurrency):
+        assert limiter.in_flight == 0

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, Final
 
-from .._argtypes import count, non_empty, seconds
+from .._argtypes import count, seconds, stop_sequence
 from .._client import AsyncClient
 from .._config import DEFAULT_MAX_RETRIES, ENV_ENDPOINT_URL, ENV_KEY, ENV_SECRET, Timeout
 from .._exceptions import (
@@ -291,7 +291,11 @@ def endpoint_options() -> argparse.ArgumentParser:
         help="model argument sent with every prompt; VALUE is JSON if it parses (repeatable)",
     )
     add(
-        "--stop", type=non_empty, action="append", metavar="TEXT", help="stop sequence (repeatable)"
+        "--stop",
+        type=stop_sequence,
+        action="append",
+        metavar="TEXT",
+        help="stop sequence, e.g. $'\\n\\n' (repeatable)",
     )
     return parent
 

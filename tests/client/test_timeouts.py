@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 
 import pytest
 from aiohttp import web
 
 from modal_llm import (
     AsyncClient,
+    ConfigError,
     EndpointTimeoutError,
     ModalLLMError,
+    RetryPolicy,
     ServerError,
     Timeout,
 )
@@ -141,3 +144,30 @@ async def test_stalled_error_body_keeps_its_status(make_endpoint: MakeEndpoint) 
     # The read timeout ends the excerpt, not the outcome: the 503 the server sent stands.
     assert info.value.status_code == 503
     assert info.value.body_excerpt == "modal-http: serv"
+
+
+@pytest.mark.parametrize("part", ["default", "connect", "first_byte", "read", "deadline", "pool"])
+async def test_an_infinite_timeout_means_no_bound(part: str) -> None:
+    # Review R4: inf was accepted, then every call raised a bare ValueError/OverflowError.
+    from modal_llm.testing import local_endpoint
+
+    timeout = Timeout(math.inf) if part == "default" else Timeout(**{part: math.inf})
+    assert getattr(timeout, "connect" if part == "default" else part) is None
+    async with local_endpoint() as endpoint:
+        async with AsyncClient(endpoint.url, timeout=timeout) as c:
+            assert await c.generate("hi")
+            assert [piece async for piece in c.stream("hi")]
+        async with AsyncClient(endpoint.url) as c:
+            assert await c.generate("hi", timeout=timeout)
+            assert await c.generate("hi", timeout=math.inf)
+
+
+def test_timeout_inf_is_none_and_nan_is_refused() -> None:
+    assert Timeout(math.inf) == Timeout(None)
+    with pytest.raises(ConfigError):
+        Timeout(read=math.nan)
+    with pytest.raises(ConfigError):
+        Timeout(connect=-math.inf)
+    for name in ("wait_initial", "wait_max", "jitter", "max_retry_after"):
+        with pytest.raises(ConfigError, match=name):
+            RetryPolicy(**{name: math.nan})
