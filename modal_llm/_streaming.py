@@ -199,6 +199,20 @@ def interrupted(exc: ModalLLMError, sent: _Delivered, response: Opened) -> Strea
     )
 
 
+def broken(exc: ModalLLMError, sent: _Delivered) -> StreamError:
+    """The error for a stream that broke the contract or the size cap mid-body after
+    ``sent`` (a ``ContractError``, ``ReplyTooLargeError``...: its ``__cause__``)."""
+    n = sent.pieces
+    excerpt = getattr(exc, "body_excerpt", "")  # what was wrong, as the cause shows it
+    detail = f"{exc.message}: {excerpt}" if excerpt else exc.message
+    return StreamError(
+        f"stream broken after {n} piece{'' if n == 1 else 's'}: {detail}",
+        partial_text=sent.text(),
+        url=exc.url,
+        attempts=exc.attempts,
+    )
+
+
 async def _open_once(
     transport: Transport,
     method: str,
@@ -328,8 +342,9 @@ async def stream_pieces(
                         return  # closes the connection so the endpoint stops generating
                 error = decoder.error
                 if error is not None:  # found after the pieces above, in the same chunk
-                    error.partial_text = sent.text()  # type: ignore[attr-defined]
-                    raise error
+                    if isinstance(error, StreamError):
+                        error.partial_text = sent.text()
+                    raise error  # any other: made a StreamError below
                 if decoder.terminated:
                     break
                 try:
@@ -374,6 +389,12 @@ async def stream_pieces(
             if exc.attempts is None:
                 exc.attempts = attempts
             mask_error(exc, call.secrets)
+            if opened is not None and not isinstance(exc, StreamError):
+                # Past the opening, whatever broke is a StreamError with the text so far,
+                # whichever chunk brought it (docs/errors.md).
+                error = broken(exc, sent)
+                mask_error(error, call.secrets)
+                raise error from exc
             raise
         finally:
             state.opened = None

@@ -27,6 +27,7 @@ from modal_llm import (
     ServerError,
     ServerStreamError,
     StatusError,
+    StreamError,
     StreamInterruptedError,
     Timeout,
 )
@@ -70,12 +71,14 @@ async def test_stream_cap_counts_from_the_first_body_byte(make_endpoint: MakeEnd
 
     pieces: list[str] = []
     async with AsyncClient(await make_endpoint(handler), max_reply_bytes=100) as c:
-        with pytest.raises(ReplyTooLargeError, match="max_reply_bytes=100"):
+        with pytest.raises(StreamError, match="max_reply_bytes=100") as info:
             async with c.stream("hi") as stream:
                 async for piece in stream:
                     pieces.append(piece)
                     asked[len(pieces) - 1].set()
     assert pieces == ["x" * 40]  # 62 bytes fit; the chunk that crosses 100 is refused
+    assert info.value.partial_text == "x" * 40  # after a piece: a StreamError (review R1)
+    assert isinstance(info.value.__cause__, ReplyTooLargeError)
 
 
 # -- 2. credentials echoed back are masked in every error, whatever path raised it ---------------
@@ -87,7 +90,7 @@ async def test_stream_cap_counts_from_the_first_body_byte(make_endpoint: MakeEnd
         (
             "application/x-ndjson",
             [b'{"prompt": "a"}\n', f"not json {SECRET} {KEY}\n".encode()],
-            ContractError,
+            StreamError,  # after a piece; caused by the ContractError (review R1)
         ),
         (
             "text/event-stream",
@@ -177,7 +180,8 @@ async def test_decoded_size_is_capped_in_bounded_memory(
     async with AsyncClient(url, max_reply_bytes=CAP) as c:
         tracemalloc.start()
         try:
-            with pytest.raises(ReplyTooLargeError, match="max_reply_bytes"):
+            # (a text stream delivers a piece first: then a StreamError caused by it)
+            with pytest.raises((ReplyTooLargeError, StreamError), match="max_reply_bytes") as info:
                 if path == "stream":
                     async with c.stream("hi") as stream:
                         async for _ in stream:
@@ -185,6 +189,10 @@ async def test_decoded_size_is_capped_in_bounded_memory(
                 else:
                     await asyncio.wait_for(c.generate("hi"), GUARD)
             _, peak = tracemalloc.get_traced_memory()
+            error = info.value
+            assert isinstance(
+                error.__cause__ if isinstance(error, StreamError) else error, ReplyTooLargeError
+            )
         finally:
             tracemalloc.stop()
     assert peak < 8 * CAP, f"peak {peak / CAP:.1f} MiB for a {CAP / CAP:.0f} MiB cap"
