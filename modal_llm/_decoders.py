@@ -47,11 +47,8 @@ class StreamDecoder(Protocol):
 
     requires_terminator: bool
     terminated: bool
-
-    @property
-    def error(self) -> ModalLLMError | None:
-        """The error found in the stream so far (deferred behind earlier pieces), if any."""
-        ...
+    error: ModalLLMError | None
+    """The error found in the stream so far (deferred behind earlier pieces), if any."""
 
     def feed(self, data: bytes) -> list[str]:
         """Decode one chunk; return the pieces it completed, in order (often none)."""
@@ -80,9 +77,7 @@ class TextDecoder:
         "terminated",
     )
 
-    @property
-    def error(self) -> ModalLLMError | None:
-        return None  # whole-chunk formats raise at once; nothing is ever deferred
+    error: ModalLLMError | None = None  # whole-chunk formats raise at once: never deferred
 
     def __init__(self, charset: str | None = None, content_type: str | None = None) -> None:
         self.requires_terminator = False
@@ -151,9 +146,7 @@ class JSONDecoder:
 
     __slots__ = ("_max", "_parts", "_size", "completion", "requires_terminator", "terminated")
 
-    @property
-    def error(self) -> ModalLLMError | None:
-        return None  # whole-chunk formats raise at once; nothing is ever deferred
+    error: ModalLLMError | None = None  # whole-chunk formats raise at once: never deferred
 
     def __init__(self, *, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
         self.requires_terminator = False

@@ -7,6 +7,7 @@ import codecs
 import contextlib
 import json
 import re
+from collections.abc import Callable
 from typing import Any, Final
 
 from ._exceptions import (
@@ -42,7 +43,10 @@ _UTF8_BOM = b"\xef\xbb\xbf"
 _NOT_JSON: Final = "stream line is not valid JSON"
 
 
-_raw_decode = json.JSONDecoder().raw_decode
+_Scanner = Callable[[str, int], tuple[Any, int]]
+_scan_once: _Scanner = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+"""The C scanner ``JSONDecoder.raw_decode`` wraps: ``(value, end)``, ``StopIteration``
+when no value starts at the index, ``JSONDecodeError`` for a broken one."""
 
 
 def _loads(text: str) -> Any:
@@ -50,7 +54,10 @@ def _loads(text: str) -> Any:
 
     ``loads`` runs a whitespace regex on both ends; callers here have stripped the start.
     """
-    value, end = _raw_decode(text)
+    try:
+        value, end = _scan_once(text, 0)
+    except StopIteration as err:
+        raise json.JSONDecodeError("Expecting value", text, err.value) from None
     if end != len(text) and text[end:].strip(" \t\n\r"):
         raise json.JSONDecodeError("Extra data", text, end)
     return value
@@ -104,31 +111,24 @@ def _piece_from_value(value: Any, raw: str | bytes) -> str | None:
 
 
 class _LineDecoder:
-    """Shared state of the line-based decoders: limits, termination and a deferred error."""
+    """Shared state of the line-based decoders: limits, termination and a deferred error
+    (``error``: sticky, raised by the next ``feed()`` or ``finish()``)."""
 
-    __slots__ = ("_error", "_max", "requires_terminator", "terminated")
+    __slots__ = ("_max", "error", "requires_terminator", "terminated")
 
     def __init__(self, *, requires_terminator: bool, max_buffer: int) -> None:
         self.requires_terminator = requires_terminator
         self.terminated = False
         self._max = max_buffer
-        self._error: ModalLLMError | None = None
-
-    @property
-    def error(self) -> ModalLLMError | None:
-        return self._error
-
-    def _raise_pending(self) -> None:
-        if self._error is not None:
-            raise self._error
+        self.error: ModalLLMError | None = None
 
     def _hold(self, partial: list[Any], size: int, chunk: str | bytes) -> int:
         """Keep an unfinished line; return its new size; refuse past ``max_buffer``."""
         partial.append(chunk)
         size += len(chunk)
         if size > self._max:
-            self._error = _too_large(self._max)
-            raise self._error
+            self.error = _too_large(self._max)
+            raise self.error
         return size
 
 
@@ -170,7 +170,8 @@ class SSEDecoder(_LineDecoder):
 
     def feed(self, data: bytes) -> list[str]:
         """Decode one chunk; return the pieces of the events it completed."""
-        self._raise_pending()
+        if self.error is not None:
+            raise self.error
         if self.terminated or not data:
             return []
         text = self._decoder.decode(data)
@@ -197,7 +198,7 @@ class SSEDecoder(_LineDecoder):
             lines = text.split("\n")
         rest = lines.pop()
         pieces = self._lines(lines)
-        if rest and not self.terminated and self._error is None:
+        if rest and not self.terminated and self.error is None:
             self._partial_len = self._hold(self._partial, self._partial_len, rest)
         return pieces
 
@@ -208,7 +209,8 @@ class SSEDecoder(_LineDecoder):
         raises ``StreamInterruptedError``. With ``require_done`` nothing more is delivered:
         the caller reports the missing ``[DONE]``.
         """
-        self._raise_pending()
+        if self.error is not None:
+            raise self.error
         if self.terminated:
             return []
         # The held text never contains a line end, and flushing adds only U+FFFD.
@@ -223,10 +225,10 @@ class SSEDecoder(_LineDecoder):
         if self.requires_terminator:
             return []  # the caller reports the missing [DONE]
         if last:
-            self._error = StreamInterruptedError(
+            self.error = StreamInterruptedError(
                 "stream ended in the middle of a line", ended_by="eof"
             )
-            raise self._error
+            raise self.error
         return self._lines([""])  # the blank line that never came
 
     def _lines(self, lines: list[str]) -> list[str]:
@@ -249,7 +251,7 @@ class SSEDecoder(_LineDecoder):
                 if piece:
                     pieces.append(piece)
         except ModalLLMError as exc:
-            self._error = exc  # sticky: the stream is over
+            self.error = exc  # sticky: the stream is over
             if not pieces:
                 raise
         return pieces
@@ -279,8 +281,9 @@ class SSEDecoder(_LineDecoder):
         event, self._event = self._event, ""
         if not self._data:
             return ""
-        data = self._data[0] if len(self._data) == 1 else "\n".join(self._data)
-        self._data = []
+        lines = self._data
+        data = lines[0] if len(lines) == 1 else "\n".join(lines)
+        lines.clear()
         self._data_len = 0
         if event == "error":
             message = data
@@ -296,10 +299,16 @@ class SSEDecoder(_LineDecoder):
             return ""
         # Only data that can start an object or a string is parsed: plain text stays cheap.
         if data[:1] in ("{", '"'):
-            try:
-                value = _loads(data)
-            except (ValueError, RecursionError):
+            try:  # _loads inlined: this runs for every piece
+                value, end = _scan_once(data, 0)
+            except (StopIteration, ValueError, RecursionError):
                 return data
+            if end != len(data) and data[end:].strip(" \t\n\r"):
+                return data
+            if type(value) is dict:  # the usual {"prompt": "..."}: _piece_from_value's answer
+                prompt = value.get("prompt")
+                if type(prompt) is str and value.get("error") is None:
+                    return prompt
             piece = _piece_from_value(value, data)
             return data if piece is None else piece
         return data
@@ -322,7 +331,8 @@ class NDJSONDecoder(_LineDecoder):
 
     def feed(self, data: bytes) -> list[str]:
         """Decode one chunk; return the pieces of the lines it completed."""
-        self._raise_pending()
+        if self.error is not None:
+            raise self.error
         if b"\n" not in data:
             if data:
                 self._partial_len = self._hold(self._partial, self._partial_len, data)
@@ -334,14 +344,15 @@ class NDJSONDecoder(_LineDecoder):
         lines = data.split(b"\n")
         rest = lines.pop()
         pieces = self._lines(lines)
-        if rest and self._error is None:
+        if rest and self.error is None:
             self._partial_len = self._hold(self._partial, self._partial_len, rest)
         return pieces
 
     def finish(self) -> list[str]:
         """At EOF: parse a last line that has no newline. One that is not JSON is a half
         line (the body was cut inside it): ``StreamInterruptedError``, as SSE's."""
-        self._raise_pending()
+        if self.error is not None:
+            raise self.error
         line = b"".join(self._partial)
         self._partial.clear()
         self._partial_len = 0
@@ -350,10 +361,10 @@ class NDJSONDecoder(_LineDecoder):
         except ContractError as exc:
             if not str(exc.message).startswith(_NOT_JSON):
                 raise
-            self._error = StreamInterruptedError(
+            self.error = StreamInterruptedError(
                 "stream ended in the middle of a line", ended_by="eof"
             )
-            raise self._error from None
+            raise self.error from None
 
     def _lines(self, lines: list[bytes]) -> list[str]:
         pieces: list[str] = []
@@ -369,7 +380,7 @@ class NDJSONDecoder(_LineDecoder):
                     if piece:
                         pieces.append(piece)
         except ModalLLMError as exc:
-            self._error = exc  # sticky: the stream is over
+            self.error = exc  # sticky: the stream is over
             if not pieces:
                 raise
         return pieces

@@ -94,7 +94,7 @@ class Opened:
     async def chunk(self, deadline_at: float | None = None) -> bytes:
         """The next decoded chunk of the body, ``b""`` at its end; errors are ours."""
         content = self.resp.content
-        with self.errors:
+        try:  # not ``with self.errors``: its __enter__ and __exit__ are two calls per piece
             if deadline_at is None:
                 data = await content.readany()
             else:
@@ -105,8 +105,13 @@ class Opened:
                     data = await asyncio.wait_for(content.readany(), remaining)
                 except asyncio.TimeoutError as exc:
                     if not deadline_expired(exc):
-                        raise  # the read timeout (aiohttp's ServerTimeoutError): mapped above
+                        raise  # the read timeout (aiohttp's ServerTimeoutError): mapped below
                     raise _deadline_passed(self.url) from None
+        except Exception as exc:
+            mapped = self.errors.mapped(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
         self.received += len(data)
         if self.received > self.cap:
             raise self.too_large(f"after {self.received} bytes")

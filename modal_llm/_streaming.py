@@ -140,23 +140,32 @@ class _Delivered:
     stream), and each character is copied about twice per 256 pieces.
     """
 
-    __slots__ = ("blocks", "parts", "pieces")
+    __slots__ = ("blocks", "folded", "parts")
 
     def __init__(self) -> None:
-        self.parts: list[str] = []
+        self.parts: list[str] = []  # the stream appends to it directly, then calls fold()
         self.blocks: list[str] = []
-        self.pieces = 0
+        self.folded = 0  # pieces joined into blocks
+
+    @property
+    def pieces(self) -> int:
+        return self.folded + len(self.parts)
 
     def add(self, text: str) -> None:
         parts = self.parts
         parts.append(text)
-        self.pieces += 1
         if len(parts) >= _JOIN_EVERY:
-            blocks = self.blocks
-            blocks.append("".join(parts))
-            parts.clear()
-            if len(blocks) >= _JOIN_EVERY:
-                self.blocks = ["".join(blocks)]
+            self.fold()
+
+    def fold(self) -> None:
+        """Join the pieces added since the last fold into a block (the list stays the same)."""
+        parts = self.parts
+        self.folded += len(parts)
+        blocks = self.blocks
+        blocks.append("".join(parts))
+        parts.clear()
+        if len(blocks) >= _JOIN_EVERY:
+            self.blocks = ["".join(blocks)]
 
     def text(self) -> str:
         return "".join(self.blocks) + "".join(self.parts)
@@ -331,15 +340,23 @@ async def stream_pieces(
             state.opened = response
             call.first_piece_at = asyncio.get_running_loop().time()  # (or its clean end)
             deadline_at = call.deadline_at
-            matcher = StopMatcher(stops)
+            matcher = StopMatcher(stops) if stops else None
+            delivered = sent.parts
             while True:
-                for piece in pieces:
-                    text = matcher.feed(piece)
-                    if text:
-                        sent.add(text)
+                if matcher is not None:
+                    for piece in pieces:
+                        text = matcher.feed(piece)
+                        if text:
+                            sent.add(text)
+                            yield text
+                        if matcher.stopped:
+                            return  # closes the connection so the endpoint stops generating
+                else:  # the usual stream, every piece as it is (never empty) in one loop
+                    for text in pieces:
+                        delivered.append(text)
                         yield text
-                    if matcher.stopped:
-                        return  # closes the connection so the endpoint stops generating
+                    if len(delivered) >= _JOIN_EVERY:
+                        sent.fold()
                 error = decoder.error
                 if error is not None:  # found after the pieces above, in the same chunk
                     if isinstance(error, StreamError):
@@ -359,7 +376,7 @@ async def stream_pieces(
                         raise
                     if decoder.requires_terminator and not decoder.terminated:
                         for piece in pieces:  # deliver what did arrive before failing
-                            text = matcher.feed(piece)
+                            text = piece if matcher is None else matcher.feed(piece)
                             if text:
                                 sent.add(text)
                                 yield text
@@ -378,7 +395,7 @@ async def stream_pieces(
                     # The decoder reports pieces it decoded before the error, in this chunk.
                     exc.partial_text = sent.text() + exc.partial_text
                     raise
-            tail = matcher.finish()
+            tail = "" if matcher is None else matcher.finish()
             if tail:
                 sent.add(tail)
                 yield tail

@@ -108,6 +108,8 @@ SSE_CASES: list[tuple[str, list[bytes], list[str]]] = [
     ("number is text", [b"data: 42\n\n"], ["42"]),
     ("array is text", [b"data: [1, 2]\n\n"], ["[1, 2]"]),
     ("bad json is text", [b"data: {oops\n\n"], ["{oops"]),
+    ("json then more is text", [b'data: {"prompt": "x"} y\n\n'], ['{"prompt": "x"} y']),
+    ("json then blanks", [b'data: {"prompt": "x"} \t\n\n'], ["x"]),
     ("bad json string is text", [b'data: "open\n\n'], ['"open']),
     ("leading space keeps text", [b'data:  {"prompt": "x"}\n\n'], [' {"prompt": "x"}']),
     ("multi-line json", [b'data: {"prompt":\ndata: "x"}\n\n'], ["x"]),
