@@ -152,6 +152,7 @@ class Client:
     def close(self) -> None:
         """Close the pool and stop the loop thread. Idempotent; calls in flight fail."""
         if self._portal is not None:
+            self._portal.forked = False  # closed in a forked child before its first call
             self._finalizer()
 
     def _live_portal(self) -> LoopThread:

@@ -180,8 +180,21 @@ def test_what_the_parent_had_in_flight_fails_clearly_in_the_child(
                 print("still closed")
 
         assert fork(child_of_a_closed_client) == 0
+        client = Client(URL)
+        assert client.generate("p") == echo("p")
+
+        def child_closing_it_first():
+            client.close()
+            assert client.closed
+            try:
+                client.generate("x")
+            except ClientClosedError:
+                print("closed in the child")
+
+        assert fork(child_closing_it_first) == 0
+        assert client.generate("parent") == echo("parent")
         """,
     )
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert "os.fork()" in lines[0]
-    assert lines[1] == "still closed"
+    assert lines[1:] == ["still closed", "closed in the child"]
