@@ -59,6 +59,12 @@ class Unavailable(Exception):
     """The client, or the method a runner needs, does not exist (yet) in this checkout."""
 
 
+def as_list(prompts: Iterable[str]) -> list[str]:
+    """LangChain's batches take a list: the caller's own when it has one (the memory
+    workload hands every client the same list, made before the baseline), else one here."""
+    return prompts if isinstance(prompts, list) else list(prompts)
+
+
 def count_good(texts: Iterable[object]) -> int:
     """Count replies that are non-empty strings: a run that returns junk must not score."""
     return sum(1 for text in texts if isinstance(text, str) and text)
@@ -283,7 +289,9 @@ async def open_incumbent_abatch(url: str, concurrency: int) -> AsyncIterator[Asy
     llm = _incumbent(url)
 
     async def run(prompts: Iterable[str]) -> int:
-        return count_good(await llm.abatch(list(prompts), config={"max_concurrency": concurrency}))
+        return count_good(
+            await llm.abatch(as_list(prompts), config={"max_concurrency": concurrency})
+        )
 
     yield run
 
@@ -294,7 +302,7 @@ def open_incumbent_batch(url: str, concurrency: int) -> Iterator[SyncRun]:
     llm = _incumbent(url)
 
     def run(prompts: Iterable[str]) -> int:
-        return count_good(llm.batch(list(prompts), config={"max_concurrency": concurrency}))
+        return count_good(llm.batch(as_list(prompts), config={"max_concurrency": concurrency}))
 
     yield run
 
@@ -403,7 +411,7 @@ async def open_mllm_langchain(url: str, concurrency: int) -> AsyncIterator[Async
 
         async def run(prompts: Iterable[str]) -> int:
             config = {"max_concurrency": concurrency}
-            return count_good(await llm.abatch(list(prompts), config=config))
+            return count_good(await llm.abatch(as_list(prompts), config=config))
 
         yield run
     finally:
@@ -453,7 +461,12 @@ async def open_mllm_timed(url: str, concurrency: int) -> AsyncIterator[TimedRun]
         yield run
 
 
-from benchmarks._langchain import open_chat, open_langchain_config  # noqa: E402
+from benchmarks._langchain import (  # noqa: E402
+    open_chat,
+    open_chat_ascompleted,
+    open_langchain_ascompleted,
+    open_langchain_config,
+)
 
 # --- registry --------------------------------------------------------------------------------
 
@@ -517,6 +530,10 @@ CLIENTS: dict[str, ClientSpec] = {
                    "modal-llm", (*MLLM, "modal_llm.langchain"), open_langchain_config),
         ClientSpec("mllm-chat", "ChatModal.abatch, config max_concurrency only", "modal-llm",
                    (*MLLM, "modal_llm.langchain"), open_chat),
+        ClientSpec("mllm-langchain-ascompleted", "Modal.abatch_as_completed, counted",
+                   "modal-llm", (*MLLM, "modal_llm.langchain"), open_langchain_ascompleted),
+        ClientSpec("mllm-chat-ascompleted", "ChatModal.abatch_as_completed, counted",
+                   "modal-llm", (*MLLM, "modal_llm.langchain"), open_chat_ascompleted),
         ClientSpec("mllm-stream", "modal-llm client.stream", "modal-llm", MLLM,
                    stream=open_mllm_stream, timed_stream=open_mllm_timed),
         ClientSpec("mllm-many-uvloop", "modal-llm generate_many, modal_llm.run (uvloop)",

@@ -259,6 +259,18 @@ def memory_table(res: Results) -> Table:
     return headers, rows
 
 
+def memory_inputs(res: Results) -> str:
+    """Which input form the memory runs used (older results files have no ``inputs``)."""
+    forms = {r["params"].get("inputs", "generator") for r in res.select("memory")}
+    said = {
+        "list": "the same list of distinct prompts, built (every string touched) before the "
+        "memory baseline, so no client is charged for the caller's inputs",
+        "generator": "a lazy generator of distinct prompts, consumed inside the measured "
+        "phase (LangChain rows turn it into the list they need, and pay for it)",
+    }
+    return "Inputs: " + "; ".join(f"{said.get(f, f)} ({f})" for f in sorted(forms)) + "."
+
+
 def stream_table(res: Results) -> Table:
     headers = ["client", "case", "CPU µs/piece", "×ceil", "first piece ms", "×ceil", "p95 ms"]
     rows = []
@@ -700,6 +712,8 @@ def render(data: dict[str, Any], markdown: bool = False) -> str:
                 "the caller holding it (timestamps in the pieces); p50 −ceil is the same-round "
                 "difference to raw aiohttp."
             )
+        if workload == "memory":
+            para(memory_inputs(res))
         if workload == "fanout":
             case = res.cases("fanout")[0]
             p = res.select("fanout", case)[0]["params"]

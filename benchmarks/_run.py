@@ -58,7 +58,15 @@ DEFAULT_CLIENTS: dict[str, tuple[str, ...]] = {
         "mllm-langchain-config",
         "mllm-chat",
     ),
-    "memory": ("aiohttp", "mllm-many", "mllm-map", "mllm-langchain", "mllm-chat"),
+    "memory": (
+        "aiohttp",
+        "mllm-many",
+        "mllm-map",
+        "mllm-langchain",
+        "mllm-langchain-ascompleted",
+        "mllm-chat",
+        "mllm-chat-ascompleted",
+    ),
     "stream": ("aiohttp", "mllm-stream"),
     "streams": ("aiohttp", "mllm-stream"),
 }
@@ -360,6 +368,8 @@ class Runner:
                         "n": size,
                         "warmup": 0,
                         "prompts": "distinct",
+                        # Every client gets the same list, made before the memory baseline.
+                        "inputs": "list",
                     }
                     self._run(Record("memory", f"n={size}", rnd, client, params))
 

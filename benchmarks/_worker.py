@@ -3,12 +3,15 @@
 Usage: ``python -m benchmarks._worker '{"client": "aiohttp", "mode": "batch", ...}'``
 
 Parameters: client, mode ("batch", "stream" or "streams"), url, concurrency, and for batch
-runs n, warmup and prompts ("fixed" or "distinct", always fed as a lazy generator); for
-stream runs streams, warmup_streams and pieces; for open-streams runs (workload 6) streams,
-pieces and ramp_s (stream i starts i × ramp_s / streams seconds in); optionally profile (a
-path for cProfile stats). The CPU time (all threads) and wall time cover the measured phase
-only; memory is the peak RSS above the baseline taken after imports (and, for open-streams
-runs, after the delay array is allocated).
+runs n, warmup, prompts ("fixed" or "distinct") and inputs ("generator", the default: a lazy
+generator consumed inside the measured phase; or "list": a list of the n prompts built and
+touched before the memory baseline, the same object for every client, as the memory
+workload does: the caller's inputs are the caller's memory, not the client's); for stream
+runs streams, warmup_streams and pieces; for open-streams runs (workload 6) streams, pieces
+and ramp_s (stream i starts i × ramp_s / streams seconds in); optionally profile (a path for
+cProfile stats). The CPU time (all threads) and wall time cover the measured phase only;
+memory is the peak RSS above the baseline taken after imports (and after the input list or,
+for open-streams runs, the delay array is allocated).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from benchmarks._clients import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Iterator
+    from collections.abc import Coroutine, Iterable, Iterator
 
 
 def _status_kb(field: str) -> int | None:
@@ -74,6 +77,11 @@ def _prompts(kind: str, n: int) -> Iterator[str]:
     if kind == "fixed":
         return itertools.repeat(THROUGHPUT_PROMPT, n)
     return (f"prompt {i}: write one sentence about the number {i}." for i in range(n))
+
+
+def _inputs(p: dict[str, Any], made: list[str] | None) -> Iterable[str]:
+    """The measured phase's prompts: the list made before the baseline, else a generator."""
+    return made if made is not None else _prompts(p["prompts"], p["n"])
 
 
 def _raise_nofile(needed: int) -> None:
@@ -156,23 +164,25 @@ def _batch_result(clock: _Clock, count: int, n: int) -> dict[str, Any]:
     }
 
 
-async def _batch_async(spec: ClientSpec, p: dict[str, Any]) -> dict[str, Any]:
+async def _batch_async(
+    spec: ClientSpec, p: dict[str, Any], made: list[str] | None
+) -> dict[str, Any]:
     assert spec.batch_async is not None
     async with spec.batch_async(p["url"], p["concurrency"]) as run:
         if p["warmup"]:
             await run(_prompts(p["prompts"], p["warmup"]))
         with _Clock() as clock, _profiled(p.get("profile")):
-            count = await run(_prompts(p["prompts"], p["n"]))
+            count = await run(_inputs(p, made))
     return _batch_result(clock, count, p["n"])
 
 
-def _batch_sync(spec: ClientSpec, p: dict[str, Any]) -> dict[str, Any]:
+def _batch_sync(spec: ClientSpec, p: dict[str, Any], made: list[str] | None) -> dict[str, Any]:
     assert spec.batch_sync is not None
     with spec.batch_sync(p["url"], p["concurrency"]) as run:
         if p["warmup"]:
             run(_prompts(p["prompts"], p["warmup"]))
         with _Clock() as clock, _profiled(p.get("profile")):
-            count = run(_prompts(p["prompts"], p["n"]))
+            count = run(_inputs(p, made))
     return _batch_result(clock, count, p["n"])
 
 
@@ -279,6 +289,11 @@ def measure(p: dict[str, Any]) -> dict[str, Any]:
         _raise_nofile(p["streams"] + 256)
         # Allocated (and touched) before the baseline, so it does not count as the client's.
         delays = array.array("q", bytes(8 * p["streams"] * p["pieces"]))
+    made: list[str] | None = None
+    if p["mode"] == "batch" and p.get("inputs") == "list":
+        # The caller's inputs, built (every string touched) before the baseline like the
+        # delay array: the same list for every client, so none is charged for holding it.
+        made = list(_prompts(p["prompts"], p["n"]))
     gc.collect()
     baseline_kb = _status_kb("VmRSS") or _peak_rss_kb()
     hwm_reset = _reset_peak_rss()
@@ -287,15 +302,16 @@ def measure(p: dict[str, Any]) -> dict[str, Any]:
     elif p["mode"] == "stream":
         result = _run_loop(_stream(spec, p), spec.loop)
     elif spec.batch_async is not None:
-        result = _run_loop(_batch_async(spec, p), spec.loop)
+        result = _run_loop(_batch_async(spec, p, made), spec.loop)
     else:
-        result = _batch_sync(spec, p)
+        result = _batch_sync(spec, p, made)
     peak_kb = _peak_rss_kb()
     result.update(
         rss_baseline_mb=baseline_kb / 1024,
         rss_peak_mb=peak_kb / 1024,
         rss_delta_mb=(peak_kb - baseline_kb) / 1024,
         rss_peak_reset=hwm_reset,
+        inputs="list" if made is not None else "generator",
     )
     if delays is not None:
         result["rss_kb_per_stream"] = (peak_kb - baseline_kb) / p["streams"]
