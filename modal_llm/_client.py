@@ -18,6 +18,7 @@ from collections.abc import (
     AsyncIterable,
     Awaitable,
     Callable,
+    Coroutine,
     Iterable,
     Mapping,
 )
@@ -337,7 +338,7 @@ class AsyncClient(PooledClient):
 
     # -- one logical call ------------------------------------------------------------------
 
-    async def _complete(
+    def _complete(
         self,
         prompt: str,
         headers: HeaderTypes,
@@ -347,12 +348,14 @@ class AsyncClient(PooledClient):
         *,
         on_attempt: AttemptHook | None = None,
         stop: object = None,
-    ) -> tuple[T, int]:
-        """One unary call: its parsed reply (``completion_of``, or ``text_of`` for the text
-        alone) and how many attempts its POST took.
+    ) -> Coroutine[Any, Any, tuple[T, int]]:
+        """One unary call, to be awaited: its parsed reply (``completion_of``, or ``text_of``
+        for the text alone) and how many attempts its POST took.
 
         ``on_attempt`` also sees this call's ``AttemptEvent``s (fan-out, telemetry).
-        ``stop`` (applied by the caller) is only recorded by telemetry.
+        ``stop`` (applied by the caller) is only recorded by telemetry. A plain function
+        returning the call's coroutine, so the hot path has no wrapper coroutine of its own:
+        without telemetry or a deadline it is ``post_and_follow``'s, which masks its errors.
         """
         transport = self._transport
         if transport is None or self._loop is not asyncio.get_running_loop():
@@ -364,16 +367,12 @@ class AsyncClient(PooledClient):
             if call.observer is not None:
                 url, retry, hops = self._url, opts.retry, opts.max_redirects
                 run = partial(post_and_follow, transport, call, url, retry, hops, parse)
-                return await self._run_call(call, run)
+                return self._run_call(call, run)
         # The hot path: _run_call without a scope to enter (nothing records this call).
         work = post_and_follow(transport, call, self._url, opts.retry, opts.max_redirects, parse)
-        try:
-            if call.deadline_at is None:
-                return await work
-            return await self._before_deadline(call, work)
-        except ModalLLMError as exc:
-            mask_error(exc, call.secrets)
-            raise
+        if call.deadline_at is None:
+            return work
+        return self._before_deadline(call, work)
 
     def _scope(self, call: Call) -> contextlib.AbstractContextManager[CallScope | None]:
         """The one place every logical call (unary, stream, resume) starts and ends, when
@@ -425,21 +424,26 @@ class AsyncClient(PooledClient):
                 else:
                     result = await self._before_deadline(call, run())
             except ModalLLMError as exc:
-                mask_error(exc, call.secrets)
+                mask_error(exc, call.secrets)  # a resume's errors (post_and_follow masks its own)
                 raise
             if observer is not None and observer.capture_content:
                 observer.reply = _text_of(result)
             return result
 
     async def _before_deadline(self, call: Call, work: Awaitable[T]) -> T:
+        """``work`` under ``Timeout.deadline``; its error, or the deadline's, masked."""
         assert call.deadline_at is not None
         remaining = call.deadline_at - asyncio.get_running_loop().time()
         try:
-            return await asyncio.wait_for(work, remaining)
-        except asyncio.TimeoutError as exc:
-            if not deadline_expired(exc):
-                raise  # a phase timeout or PoolTimeoutError of the call itself
-            raise deadline_error(call, self._url) from None
+            try:
+                return await asyncio.wait_for(work, remaining)
+            except asyncio.TimeoutError as exc:
+                if not deadline_expired(exc):
+                    raise  # a phase timeout or PoolTimeoutError of the call itself
+                raise deadline_error(call, self._url) from None
+        except ModalLLMError as exc:
+            mask_error(exc, call.secrets)
+            raise
 
 
 def _text_of(result: object) -> str | None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ._call import Call, Redirect, Reply
 from ._decoders import html_page_error, looks_like_html
-from ._exceptions import ContractError, ModalLLMError
+from ._exceptions import ContractError, ModalLLMError, mask_error
 from ._redirects import next_hop
 from ._retry import retry_failed, send_with_retries
 
@@ -41,22 +41,27 @@ async def post_and_follow(
     parse: Callable[[Reply], T],
 ) -> tuple[T, int]:
     """The whole unary call: its parsed reply (``completion_of`` or ``text_of``) and how
-    many attempts its POST took."""
-    if call.hooks is None:  # the hot path: attempt 1 inline, the driver only on failure
-        try:
-            reply: Reply | Redirect = await transport.fetch("POST", url, call.body, call, 1)
-            attempts = 1
-        except ModalLLMError as exc:
+    many attempts its POST took. Its error leaves masked (``call.secrets``): on the hot
+    path this is the call's outermost coroutine under ``generate``, ``complete`` or ``map``."""
+    try:
+        if call.hooks is None:  # the hot path: attempt 1 inline, the driver only on failure
+            try:
+                reply: Reply | Redirect = await transport.fetch("POST", url, call.body, call, 1)
+                attempts = 1
+            except ModalLLMError as exc:
+                send = partial(transport.fetch, "POST", url, call.body, call)
+                clock = asyncio.get_running_loop().time
+                reply, attempts = await retry_failed(exc, send, call, retry, clock)
+        else:
             send = partial(transport.fetch, "POST", url, call.body, call)
             clock = asyncio.get_running_loop().time
-            reply, attempts = await retry_failed(exc, send, call, retry, clock)
-    else:
-        send = partial(transport.fetch, "POST", url, call.body, call)
-        clock = asyncio.get_running_loop().time
-        reply, attempts = await send_with_retries(send, call, retry, clock)
-    if isinstance(reply, Redirect):
-        return await follow(transport, reply, call, url, retry, max_redirects, parse), attempts
-    return parse(reply), attempts
+            reply, attempts = await send_with_retries(send, call, retry, clock)
+        if isinstance(reply, Redirect):
+            return await follow(transport, reply, call, url, retry, max_redirects, parse), attempts
+        return parse(reply), attempts
+    except ModalLLMError as exc:
+        mask_error(exc, call.secrets)
+        raise
 
 
 async def follow(
