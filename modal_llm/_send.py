@@ -335,7 +335,7 @@ class Transport:
                 raise mapped from exc
             finally:
                 if first_byte is not None:
-                    watch.stop(bucket, task)
+                    bucket.discard(task)  # FirstByteWatch.stop
             if call.read_timeout is not None and not resp.content.is_eof():
                 _set_read_timeout(resp, call.read_timeout)  # error bodies can stall too
             status = resp.status

@@ -3,7 +3,7 @@
 An asyncio timer per request (aiohttp's ``total`` or ``sock_read``) costs a heap push, a
 cancel and a re-arm per packet: about a tenth of a small request's CPU. Here requests
 share one timer per time bucket; a bucket is ``1/16`` of the timeout wide, so a timeout
-fires at most 6 % late (a 600 s cold-start bound fires by 637.5 s).
+fires at most 6 % late (a 600 s cold-start bound fires by 637.5 s, loop lag aside).
 
 A fired timer cancels the waiting task, as ``asyncio.timeout`` does; the client turns
 that cancellation back into ``EndpointTimeoutError`` with ``expired()``.
@@ -24,35 +24,39 @@ _MIN_GRAIN: Final = 0.005
 
 
 class FirstByteWatch:
-    """Buckets of tasks waiting for a first byte, one loop timer per bucket. Strictly private."""
+    """Buckets of tasks waiting for a first byte, one loop timer per bucket. Strictly private.
 
-    __slots__ = ("_buckets", "_expired", "_loop")
+    A bucket takes the tasks that start waiting, with the same timeout, during one grain;
+    then it closes and fires ``seconds`` later, so each of its tasks waits at least
+    ``seconds`` and at most a grain (plus any loop lag) more. Starting to watch a task
+    reads no clock: a dict lookup and a set add.
+    """
+
+    __slots__ = ("_expired", "_loop", "_open")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._buckets: dict[float, set[asyncio.Task[object]]] = {}
+        self._open: dict[float, set[asyncio.Task[object]]] = {}  # per timeout: its open bucket
         self._expired: set[asyncio.Task[object]] = set()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
-    def start(self, seconds: float, task: asyncio.Task[object]) -> float:
-        """Watch ``task`` for ``seconds``; return the bucket key for ``stop``."""
-        grain = max(seconds * _GRAIN_FRACTION, _MIN_GRAIN)
-        when = math.ceil((self._loop.time() + seconds) / grain) * grain
-        bucket = self._buckets.get(when)
+    def start(self, seconds: float, task: asyncio.Task[object]) -> set[asyncio.Task[object]]:
+        """Watch ``task`` for ``seconds``; return its bucket for ``stop``."""
+        bucket = self._open.get(seconds)
         if bucket is None:
-            bucket = self._buckets[when] = set()
-            self._loop.call_at(when, self._fire, when)
+            bucket = self._open[seconds] = set()
+            grain = max(seconds * _GRAIN_FRACTION, _MIN_GRAIN)
+            self._loop.call_later(grain, self._close, seconds, bucket)
         bucket.add(task)
-        return when
+        return bucket
 
-    def stop(self, when: float, task: asyncio.Task[object]) -> None:
+    @staticmethod
+    def stop(bucket: set[asyncio.Task[object]], task: asyncio.Task[object]) -> None:
         """The first byte arrived (or the request ended): stop watching ``task``."""
-        bucket = self._buckets.get(when)
-        if bucket is not None:
-            bucket.discard(task)
+        bucket.discard(task)
 
     def expired(self, task: asyncio.Task[object]) -> bool:
         """Whether a cancellation of ``task`` came from this watch; consumes it if so."""
@@ -64,8 +68,16 @@ class FirstByteWatch:
             uncancel()
         return True
 
-    def _fire(self, when: float) -> None:
-        for task in self._buckets.pop(when, ()):
+    def _close(self, seconds: float, bucket: set[asyncio.Task[object]]) -> None:
+        # Timed from now, not from when the bucket opened: a late close (a busy loop) must
+        # not make the bucket fire early for the tasks that joined it meanwhile.
+        if self._open.get(seconds) is bucket:
+            del self._open[seconds]
+        if bucket:
+            self._loop.call_later(seconds, self._fire, bucket)
+
+    def _fire(self, bucket: set[asyncio.Task[object]]) -> None:
+        for task in bucket:
             if not task.done():
                 self._expired.add(task)
                 task.cancel()

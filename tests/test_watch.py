@@ -25,7 +25,59 @@ async def test_first_byte_watch_buckets() -> None:
     assert not watch.expired(waiter)  # consumed
     assert not other.done()
     other.cancel()
-    assert a >= loop.time() - 1
+    assert a is b  # started within one grain, with the same timeout: one bucket, one timer
+
+
+class _Timers:
+    """A stand-in loop that records ``call_later`` instead of running it."""
+
+    def __init__(self) -> None:
+        self.later: list[tuple[float, object, tuple[object, ...]]] = []
+
+    def call_later(self, delay: float, callback: object, *args: object) -> None:
+        self.later.append((delay, callback, args))
+
+    def run_next(self) -> float:
+        delay, callback, args = self.later.pop(0)
+        callback(*args)  # type: ignore[operator]
+        return delay
+
+
+async def test_first_byte_bucket_fires_a_full_timeout_after_it_closes() -> None:
+    # A bucket's timer counts from when it closed, so a task that joined it late (the close
+    # ran late on a busy loop) still gets its whole timeout, never less.
+    timers = _Timers()
+    watch = FirstByteWatch(timers)  # type: ignore[arg-type]
+    never = asyncio.Event()
+    early = asyncio.ensure_future(never.wait())
+    late = asyncio.ensure_future(never.wait())
+    gone = asyncio.ensure_future(never.wait())
+    bucket = watch.start(0.8, early)  # type: ignore[arg-type]
+    assert watch.start(0.8, late) is bucket  # type: ignore[arg-type]
+    assert watch.start(0.8, gone) is bucket  # type: ignore[arg-type]
+    watch.stop(bucket, gone)  # type: ignore[arg-type]  # its first byte came
+    assert timers.run_next() == 0.8 / 16  # the bucket closes after one grain...
+    assert timers.later[0][0] == 0.8  # ...and fires a whole timeout after that
+    fresh = asyncio.ensure_future(never.wait())
+    assert watch.start(0.8, fresh) is not bucket  # type: ignore[arg-type]  # a closed bucket takes no one
+    timers.run_next()  # fires
+    await asyncio.sleep(0)
+    assert early.cancelled() and late.cancelled() and not gone.done() and not fresh.done()
+    assert watch.expired(early) and watch.expired(late)  # type: ignore[arg-type]
+    assert not watch.expired(gone)  # type: ignore[arg-type]
+    gone.cancel()
+    fresh.cancel()
+
+
+async def test_first_byte_bucket_emptied_before_it_closes_sets_no_timer() -> None:
+    timers = _Timers()
+    watch = FirstByteWatch(timers)  # type: ignore[arg-type]
+    task = asyncio.ensure_future(asyncio.Event().wait())
+    bucket = watch.start(0.01, task)  # type: ignore[arg-type]
+    watch.stop(bucket, task)  # type: ignore[arg-type]
+    assert timers.run_next() == 0.005  # the smallest grain
+    assert timers.later == []  # nothing left to fire for
+    task.cancel()
 
 
 # -- Slots: the client's concurrency slots (tests/client/test_concurrency.py: their use) --------
