@@ -34,6 +34,12 @@ IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 ATTEMPT_HEADER: Final = "X-Modal-LLM-Attempt"
 
 
+_CALL_HEADERS: Final = {IDEMPOTENCY_HEADER: "", ATTEMPT_HEADER: "1"}
+"""What every request of a call sends after the client's headers and its own: its
+idempotency key (filled in per call) and attempt number (set per attempt by the send path)."""
+_KEY_MASK: Final = (1 << 128) - 1
+
+
 def _user_agent() -> str:
     return f"modal-llm/{__version__}"  # no importlib.metadata: ~10 ms off the first client
 
@@ -161,11 +167,13 @@ class CallFactory:
         "_failure_hooks",
         "_headers",
         "_json_error",
+        "_key_base",
         "_key_counter",
-        "_key_prefix",
         "_options",
+        "_stream_call_headers",
         "_stream_headers",
         "_to_json",
+        "_unary_call_headers",
         "secrets",
     )
 
@@ -183,12 +191,18 @@ class CallFactory:
         base.update(credential_headers(options.modal_key, options.modal_secret))
         self._headers = base
         self._stream_headers = {**base, "Accept": STREAM_ACCEPT}
+        # A call's headers without headers of its own: a copy of one of these, with its
+        # idempotency key filled in.
+        self._unary_call_headers = {**base, **_CALL_HEADERS}
+        self._stream_call_headers = {**self._stream_headers, **_CALL_HEADERS}
         # What we send that may be a credential, masked in every error and every exported
         # text in case a server echoes it back (headers, the URL's query and userinfo).
         self.secrets = secret_values(base, options.endpoint_url)
         self._attempt_hooks = options.event_hooks.get("attempt", ())
         self._failure_hooks = options.event_hooks.get("failure", ())
-        self._key_prefix = os.urandom(12).hex()
+        # Idempotency keys: 32 hex digits, a random per-client prefix of 24 and a counter of
+        # 8 (past 2**32 calls it carries into the prefix: keys stay unique), no syscall.
+        self._key_base = int.from_bytes(os.urandom(12), "big") << 32
         self._key_counter = itertools.count()
 
     @property
@@ -217,12 +231,13 @@ class CallFactory:
             body = self._to_json(payload)
         except self._json_error as exc:
             raise ConfigError(f"model arguments are not JSON-serializable: {exc}") from None
-        base = self._stream_headers if streaming else self._headers
         kind = "stream" if streaming else "unary"
         if not headers:
-            return self.new(kind, body, base, timeout, on_attempt)
+            own = self._stream_call_headers if streaming else self._unary_call_headers
+            return self.new(kind, body, own, timeout, on_attempt)
+        base = self._stream_headers if streaming else self._headers
         extra_headers = validate_headers(headers)
-        call = self.new(kind, body, {**base, **extra_headers}, timeout, on_attempt)
+        call = self.new(kind, body, {**base, **extra_headers, **_CALL_HEADERS}, timeout, on_attempt)
         more = secret_values(extra_headers, "")
         if more:  # this call's own credential-like headers are masked too
             call.secrets = tuple(sorted({*call.secrets, *more}, key=len, reverse=True))
@@ -230,23 +245,22 @@ class CallFactory:
 
     def resume(self, timeout: TimeoutTypes | UseClientDefault) -> Call:
         """A call that only polls a result URL."""
-        return self.new("resume", b"", self._headers, timeout, None)
+        return self.new("resume", b"", self._unary_call_headers, timeout, None)
 
     def new(
         self,
         kind: str,
         body: bytes,
-        base_headers: dict[str, str],
+        headers: dict[str, str],
         timeout: TimeoutTypes | UseClientDefault,
         on_attempt: AttemptHook | None,
     ) -> Call:
+        """A call sending ``headers`` (which end with ``_CALL_HEADERS``), its idempotency key
+        filled in."""
         streaming = kind == "stream"
-        call_headers = {
-            **base_headers,
-            # Unique per logical call: a random per-client prefix and a counter (no syscall).
-            IDEMPOTENCY_HEADER: f"{self._key_prefix}{next(self._key_counter):08x}",
-            ATTEMPT_HEADER: "1",
-        }
+        call_headers = headers.copy()
+        key = (self._key_base + next(self._key_counter)) & _KEY_MASK
+        call_headers[IDEMPOTENCY_HEADER] = key.to_bytes(16, "big").hex()
         if isinstance(timeout, UseClientDefault):
             parts = self._options.timeout
             aio_timeout = self._aio_stream_timeout if streaming else self._aio_timeout
