@@ -312,7 +312,12 @@ class Transport:
             bucket = watch.start(first_byte, task)
         try:
             try:
-                resp = await session.request(
+                # ``ClientSession._request`` is what ``request()`` wraps in a context manager
+                # that we would only await: calling it saves that wrapper, a dict of the
+                # keyword arguments and a hop on each resume (about 2 % of a request). Looked
+                # up per call, so a test double or tracer patching it (aioresponses, ddtrace)
+                # still sees every request.
+                resp = await session._request(
                     method,
                     url,
                     data=data,

@@ -22,6 +22,35 @@ from ..conftest import MakeEndpoint
 from .helpers import KEY, SECRET, Recorder, reply
 
 
+async def test_requests_go_through_the_sessions_request_method_looked_up_per_call(
+    make_endpoint: MakeEndpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The send path awaits ``ClientSession._request`` (what ``request()`` wraps) and looks it
+    # up on every request: a double or tracer that patches it after the client opened (as
+    # aioresponses and ddtrace do) sees every attempt, and an aiohttp without it fails here.
+    async def handler(request: web.Request) -> web.Response:
+        return reply("ok")
+
+    url = await make_endpoint(handler)
+    seen: list[tuple[str, str]] = []
+    original = aiohttp.ClientSession._request
+
+    async def spy(
+        self: aiohttp.ClientSession, method: str, str_or_url: object, **kw: object
+    ) -> aiohttp.ClientResponse:
+        seen.append((method, str(str_or_url)))
+        assert {"data", "headers", "allow_redirects", "timeout"} <= set(kw)
+        return await original(self, method, str_or_url, **kw)  # type: ignore[arg-type]
+
+    async with AsyncClient(url) as c:
+        assert await c.generate("a") == "ok"
+        monkeypatch.setattr(aiohttp.ClientSession, "_request", spy)
+        assert await c.generate("b") == "ok"
+        results = [r async for r in c.map(["c"])]
+        assert [r.text for r in results] == ["ok"]
+    assert seen == [("POST", url), ("POST", url)]
+
+
 async def test_request_body_headers_and_extras(make_endpoint: MakeEndpoint) -> None:
     rec = Recorder()
 
