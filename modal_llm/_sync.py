@@ -285,7 +285,7 @@ class Client:
                 prompt, stop=stop, headers=headers, timeout=timeout, **extra
             )
 
-        return _pieces(portal, portal.call(open_stream))
+        return _pieces(self, portal, portal.call(open_stream))
 
     def map(
         self,
@@ -329,10 +329,15 @@ class Client:
                 **extra,
             )
 
-        return _pieces(portal, portal.call(open_map))
+        return _pieces(self, portal, portal.call(open_map))
 
 
-def _pieces(portal: LoopThread, agen: AsyncGenerator[T, None]) -> Generator[T, None, None]:
+def _pieces(
+    owner: Client, portal: LoopThread, agen: AsyncGenerator[T, None]
+) -> Generator[T, None, None]:
+    """``agen``'s items through the portal. The generator holds its ``owner`` (unused
+    otherwise): in ``for p in Client(url).stream(p)`` nothing else keeps the Client alive,
+    and its finalizer would close the portal before the first piece."""
     try:
         while True:
             piece = portal.call(_next_piece, agen)

@@ -83,6 +83,17 @@ def test_stream_yields_pieces(client: Client, endpoint: ThreadedEndpoint) -> Non
     assert "".join(client.stream("tell me", stop="two")) == "one "
 
 
+def test_a_temporary_client_lives_as_long_as_its_generator(endpoint: ThreadedEndpoint) -> None:
+    # Nothing but the generator refers to the Client: it must keep it open until it ends.
+    before = {t for t in threading.enumerate() if t.name == "modal-llm-loop"}
+    assert list(Client(endpoint.url).stream("tell me")) == list(STREAM_PIECES)
+    results = Client(endpoint.url).map(["a", "b"], ordered=True)
+    assert [r.text for r in results] == ["a :: {}", "b :: {}"]
+    del results
+    gc.collect()  # and then it is closed: no loop thread is left behind
+    assert {t for t in threading.enumerate() if t.name == "modal-llm-loop"} <= before
+
+
 def test_leaving_a_stream_early_closes_the_response(
     client: Client, endpoint: ThreadedEndpoint
 ) -> None:
