@@ -463,6 +463,13 @@ def test_bad_settings_fail_at_construction(monkeypatch: pytest.MonkeyPatch) -> N
         Modal(endpoint_url="http://127.0.0.1:1/", modal_key=SecretStr("only-a-key"))
     with pytest.raises(ValidationError, match="max_concurrency"):
         Modal(endpoint_url="http://127.0.0.1:1/", max_concurrency=0)
+    # The stream flag in model_kwargs made every unary call get an SSE reply (review R18).
+    with pytest.raises(ValidationError, match="cannot hold 'stream': it is the stream flag"):
+        Modal(endpoint_url="http://127.0.0.1:1/", model_kwargs={"stream": True})
+    with pytest.raises(ValidationError, match="cannot hold 'go'"):
+        Modal(endpoint_url="http://127.0.0.1:1/", stream_flag="go", model_kwargs={"go": False})
+    kept = Modal(endpoint_url="http://127.0.0.1:1/", stream_flag=None, model_kwargs={"stream": 1})
+    assert kept.model_kwargs == {"stream": 1}  # no flag: an ordinary model argument
 
 
 def test_settings_fall_back_to_the_environment(

@@ -149,6 +149,12 @@ class ModalBase(Batches, BaseModel):
                 f"model_kwargs cannot hold {', '.join(sorted(reserved))}: the client takes "
                 "these as its own arguments"
             )
+        if self.stream_flag is not None and self.stream_flag in self.model_kwargs:
+            # Sent with a unary call, it gets an SSE reply back: "reply is not valid JSON".
+            raise ConfigError(
+                f"model_kwargs cannot hold {self.stream_flag!r}: it is the stream flag, which "
+                "the client sets itself (use streaming=True, or stream()/astream())"
+            )
         normalize_stop(self.model_kwargs.get("stop"))
         self._check_model_args(self.model_kwargs)
         self._client_options(self.max_concurrency)
