@@ -77,18 +77,22 @@ class TextStream:
     collected, which logs a warning (and emits ``ResourceWarning``).
     """
 
-    __slots__ = ("_agen", "_state", "_url")
+    __slots__ = ("__anext__", "_agen", "_state", "_url")
+
+    if TYPE_CHECKING:  # at run time a slot holding the generator's own bound __anext__
+
+        def __anext__(self) -> Coroutine[Any, Any, str]: ...
 
     def __init__(self, agen: AsyncGenerator[str, None], state: StreamState, url: str) -> None:
         self._agen = agen
         self._state = state
         self._url = url
+        # The next piece is the generator's own ``__anext__``, bound per stream: a slot,
+        # not a method, so ``async for`` calls it directly, with no Python frame per piece.
+        self.__anext__ = agen.__anext__  # type: ignore[method-assign]
 
     def __aiter__(self) -> TextStream:
         return self
-
-    def __anext__(self) -> Coroutine[Any, Any, str]:
-        return self._agen.__anext__()
 
     def asend(self, value: None) -> Coroutine[Any, Any, str]:
         """As an async generator's ``asend`` (so a ``TextStream`` is one, to type checkers)."""
