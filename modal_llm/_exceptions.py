@@ -188,11 +188,36 @@ def mask_error(error: BaseException, secrets: tuple[str, ...]) -> None:
         current = current.__cause__ or current.__context__
 
 
+# Code points that must not reach a terminal or a log line as they are: C0 and C1 controls
+# and DEL (ESC starts a terminal's escape sequences: a server's error body could set the
+# window title, erase the line or hide text), and the Unicode format characters that
+# reorder or break a line (bidi overrides and isolates, the line and paragraph
+# separators; Trojan Source, CVE-2021-42574). Each becomes a visible escape such as ``\x1b``.
+_UNPRINTABLE = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))} | {
+    code: f"\\u{code:04x}"
+    for code in (
+        0x061C,
+        0x200E,
+        0x200F,
+        0x2028,
+        0x2029,
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+    )
+}
+
+
+def printable(text: str) -> str:
+    """``text`` with every control and line-breaking format character escaped (``\\x1b``)."""
+    return text.translate(_UNPRINTABLE)
+
+
 def excerpt(body: bytes | str, limit: int = BODY_EXCERPT_BYTES) -> str:
-    """The first ``limit`` bytes of a body as one printable line."""
+    """The first ``limit`` bytes of a body as one printable line: runs of whitespace become
+    one space and other control characters are escaped (see :func:`printable`)."""
     raw = body.encode("utf-8", "replace") if isinstance(body, str) else body
     text = raw[:limit].decode("utf-8", "replace")
-    text = " ".join(text.split())
+    text = printable(" ".join(text.split()))
     return text + ("…" if len(raw) > limit else "")
 
 
@@ -220,7 +245,8 @@ class ModalLLMError(Exception):
         where = self._where()
         text = f"{self.message} {where}" if where else self.message
         detail = self._detail()
-        return f"{text}: {detail}" if detail else text
+        # One printable line whatever a server put in the parts (a reason phrase, a header).
+        return printable(f"{text}: {detail}" if detail else text)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r})"

@@ -39,7 +39,7 @@ from opentelemetry.context import Context
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, TracerProvider
 
-from ._exceptions import ModalLLMError, mask_text
+from ._exceptions import ModalLLMError, mask_text, printable
 from ._otelmetrics import (
     SCOPE_NAME,
     Instruments,
@@ -146,7 +146,7 @@ def _describe(error: BaseException) -> str:
     ``str(error)`` is not used: it ends with a body excerpt, which may echo the prompt.
     """
     if isinstance(error, ModalLLMError):
-        return f"{error_type(error)}: {_QUERY.sub('', error.message)}"
+        return f"{error_type(error)}: {printable(_QUERY.sub('', error.message))}"
     return error_type(error)
 
 

@@ -30,6 +30,7 @@ from .._exceptions import (
     ReplyTooLargeError,
     ResultPendingError,
     TransportError,
+    printable,
 )
 
 __all__ = [
@@ -159,7 +160,8 @@ def error_exit(exc: ModalLLMError, *, replies: int = 1) -> CliExit:
 def fail(code: int, message: str, *, error: bool = True) -> int:
     """Print ``modal-llm: error: message`` (or ``modal-llm: message``) on stderr; return
     ``code``."""
-    print(f"{PROG}: {'error: ' if error else ''}{message}", file=sys.stderr)
+    # Messages quote servers and input files: no terminal escape sequence gets through.
+    print(f"{PROG}: {'error: ' if error else ''}{printable(message)}", file=sys.stderr)
     return code
 
 
