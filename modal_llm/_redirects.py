@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
 from ._auth import same_origin, strip_credentials
+from ._endpoint import url_problem
 from ._exceptions import RedirectError, ResultPendingError, redact_url
 from ._send import REFUSED_REDIRECTS
 
@@ -41,6 +42,9 @@ def next_hop(redirect: Redirect, call: Call, endpoint_url: str, max_redirects: i
         raise RedirectError("redirect to a malformed URL", url=redirect.url) from None
     if not target.startswith(("http://", "https://")):
         raise RedirectError(f"redirect to a non-HTTP URL {redact_url(target)}", url=redirect.url)
+    problem = url_problem(target)  # the endpoint URL's own rules: one error, never aiohttp's
+    if problem is not None:
+        raise RedirectError(f"redirect to a malformed URL: {problem}", url=redirect.url)
     call.result_url = target
     if hops > max_redirects:
         raise ResultPendingError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from yarl import URL
 
 from modal_llm import AsyncClient, Client, ConfigError
 
@@ -117,8 +118,24 @@ def test_a_host_label_allows_ascii_letters_digits_dash_underscore_and_any_non_as
         host = f"a{char}b.example"
         if char in "./?#@:[]":
             continue  # they end the label or the host: other checks apply
-        if char in allowed or code >= 0x80:
+        if char in allowed:
             AsyncClient(f"http://{host}/")
+        elif code >= 0x80:
+            # Any non-ASCII the IDNA encoding aiohttp's resolver applies takes (review R7).
+            try:
+                (URL(f"http://{host}/").raw_host or "").encode("idna")
+            except (UnicodeError, ValueError):
+                with pytest.raises(ConfigError, match="IDNA cannot encode it"):
+                    AsyncClient(f"http://{host}/")
+            else:
+                AsyncClient(f"http://{host}/")
         else:
             with pytest.raises(ConfigError):
                 AsyncClient(f"http://{host}/")
+
+
+def test_a_label_over_63_characters_is_refused_at_construction() -> None:
+    """Review R7: it used to be accepted, then every call raised a bare UnicodeError."""
+    AsyncClient("http://" + "a" * 63 + ".example/")
+    with pytest.raises(ConfigError, match="a label is over 63 characters"):
+        AsyncClient("http://" + "a" * 64 + ".example/")

@@ -126,3 +126,33 @@ async def test_307_is_not_followed(make_endpoint: MakeEndpoint) -> None:
         with pytest.raises(RedirectError, match="re-send the prompt"):
             await c.generate("hi")
     assert rec.posts == 1
+
+
+MALFORMED_LOCATIONS = [
+    ("http://" + "a" * 64 + ".example/r", "a label is over 63 characters"),
+    ("http://a\x80b.example/r", "IDNA cannot encode it"),
+    ("http://[::1/r", ""),  # urljoin itself refuses these two
+    ("http://host:99999/r", ""),
+    ("http://exa mple.com/r", "no whitespace or control chars"),
+]
+
+
+@pytest.mark.parametrize(("location", "problem"), MALFORMED_LOCATIONS)
+async def test_a_malformed_location_is_a_redirect_error(
+    make_endpoint: MakeEndpoint, location: str, problem: str
+) -> None:
+    """Review R7: a Location the endpoint URL's rules refuse is a RedirectError saying why,
+    from generate and stream alike, never the UnicodeError or ValueError aiohttp meets."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.Response(status=303)
+        response.headers["Location"] = location
+        return response
+
+    async with AsyncClient(await make_endpoint(handler), retry=NO_WAIT) as client:
+        with pytest.raises(RedirectError, match="redirect to a malformed URL") as caught:
+            await client.generate("hi")
+        assert problem in str(caught.value)
+        with pytest.raises(RedirectError, match="redirect to a malformed URL"):
+            async for _ in client.stream("hi"):
+                pass
