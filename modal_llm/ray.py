@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -41,6 +42,7 @@ from . import (
 from ._auth import is_credential_header, url_has_credentials
 from ._config import ENV_ENDPOINT_URL
 from ._exceptions import redact_url
+from ._fanout import FanOutPlan
 from ._lazy import LazyModule
 from ._raycolumns import (
     RESULT_COLUMNS,
@@ -50,6 +52,7 @@ from ._raycolumns import (
     check_model_kwargs,
     row_extra,
 )
+from ._stop import normalize_stop
 from ._types import StopTypes
 
 if TYPE_CHECKING:
@@ -102,6 +105,24 @@ def _check_client_options(options: Mapping[str, Any]) -> None:
     if named:
         names = ", ".join(named)
         raise ConfigError(f"header(s) {names} cannot be passed here: {_CREDENTIALS_HINT}")
+
+
+def _check_map_options(stop: StopTypes, rate_limit: object, adaptive: object) -> None:
+    """``AsyncClient.map``'s own checks of the options ``Generator`` passes it, run where
+    the job is built: otherwise a bad one fails the job at every actor's first block.
+    The client's ``max_concurrency`` is the actors' to check: no cap is applied here."""
+    normalize_stop(stop)
+    FanOutPlan.build(
+        cap=sys.maxsize,
+        ordered=False,
+        concurrency=None,
+        window=None,
+        rate_limit=rate_limit,  # type: ignore[arg-type]  # checked by build
+        adaptive=adaptive,  # type: ignore[arg-type]
+        progress=False,
+        on_progress=None,
+        total=None,
+    )
 
 
 def _check_url(endpoint_url: object) -> None:
@@ -181,6 +202,7 @@ class Generator:
             raise ConfigError(f"prompt_column must be a column name, not {prompt_column!r}")
         if extra_column is not None and (not isinstance(extra_column, str) or not extra_column):
             raise ConfigError(f"extra_column must be a column name or None, not {extra_column!r}")
+        _check_map_options(stop, rate_limit, adaptive)
         self.prompt_column = prompt_column
         self.extra_column = extra_column
         self.model_kwargs = check_model_kwargs(model_kwargs)
@@ -444,6 +466,7 @@ def generate(
         raise ConfigError(f"num_cpus must be a number >= 0, not {num_cpus!r}")
     compute = _compute(actors, calls_per_actor)
     _check_client_options(client_options)
+    _check_map_options(stop, rate_limit, adaptive)
     _check_url(endpoint_url)
     url = endpoint_url or os.environ.get(ENV_ENDPOINT_URL) or None
     checked = url

@@ -202,6 +202,31 @@ def test_bad_ray_options_raise_config_error_before_anything_runs() -> None:
             generate(ds, "http://127.0.0.1:9/", **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"stop": 5},
+        {"stop": [""]},
+        {"rate_limit": -1},
+        {"rate_limit": "fast"},
+        {"adaptive": "yes"},
+    ],
+)
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/", None])
+@pytest.mark.usefixtures("local_ray")
+def test_bad_map_options_raise_config_error_in_the_driver(
+    kwargs: dict[str, Any], url: str | None
+) -> None:
+    """Review R19: these were checked only by each actor's first map(), so the job started
+    and died with a RayTaskError wrapping the ConfigError; with the URL left to the actors'
+    environment (None) the driver checked nothing at all."""
+    ds = ray.data.from_items([{"prompt": "x"}])
+    with pytest.raises(ConfigError):
+        generate(ds, url, **kwargs)
+    with pytest.raises(ConfigError):
+        Generator("http://127.0.0.1:9/", **kwargs)
+
+
 async def test_credentials_come_from_the_environment_and_stay_out_of_reprs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
