@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
+import re
 import socket
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -434,3 +437,38 @@ def test_endpoint_process_that_cannot_start_says_so(capfd: pytest.CaptureFixture
     with pytest.raises(RuntimeError, match="did not start"), endpoint_process("--latency", "-1"):
         pass
     assert "latency" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("switches", "needle"),
+    [
+        ({"latency": "x"}, "latency must be float, not str"),
+        ({"latency": math.nan}, "latency must be a finite number"),
+        ({"piece_delay": math.inf}, "piece_delay must be a finite number"),
+        ({"seed": "x"}, "seed must be int, not str"),
+        ({"pieces": 2.5}, "pieces must be int, not float"),
+        ({"echo_prompt": 1}, "echo_prompt must be bool, not int"),
+        ({"rate_limit_every": True}, "rate_limit_every must be int, not bool"),
+        ({"retry_after": 5}, "retry_after must be str or None, not int"),
+        ({"script": ["\ud800"]}, "script[0] cannot be sent as UTF-8 JSON"),
+        ({"script": [200, {"prompt": {1, 2}}]}, "script[1] cannot be sent as UTF-8 JSON"),
+    ],
+)
+async def test_a_switch_or_script_entry_of_the_wrong_kind_is_a_config_error(
+    switches: dict[str, Any], needle: str
+) -> None:
+    """Review R25: these were a bare TypeError, accepted silently, or accepted and then
+    crashed the handler on every request (a 500 far from the mistake)."""
+    async with local_endpoint() as endpoint:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            endpoint.configure(**switches)
+        async with AsyncClient(endpoint.url) as client:  # nothing changed: still answers
+            assert await client.generate("hi")
+
+
+def test_a_stream_reply_of_one_string_is_refused_not_streamed_by_character() -> None:
+    with pytest.raises(ConfigError, match=re.escape("StreamReply(['abc'])")):
+        StreamReply("abc")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="cannot be sent"):
+        StreamReply(["ok", "\udfff"])
+    assert StreamReply(["abc"]).pieces == ("abc",)

@@ -8,7 +8,9 @@ fault), ``_streaming.py`` (a stream fault) or ``_results.py`` (a result-URL faul
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from modal_llm._exceptions import ConfigError
 
@@ -103,6 +105,7 @@ class ServerConfig:
     """Tests: when set, a stream sends its first piece, then waits for this event."""
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.pieces < 1:
             raise ConfigError(f"pieces must be at least 1, not {self.pieces}")
         for name in ("piece_delay", "latency", "cold_start", "idle_reset", "work_time"):
@@ -131,3 +134,28 @@ class ServerConfig:
             raise ConfigError("modal_key and modal_secret must be set together")
         if not self.stream_flag:
             raise ConfigError("stream_flag must not be empty")
+
+
+_KINDS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _check_types(config: Any) -> None:
+    """Every switch holds a value of its declared type (``float`` takes an int; ``bool``
+    and ``int`` do not take each other), and a ``float`` is finite: a wrong one is a
+    ``ConfigError`` here, not a ``TypeError`` in a handler later."""
+    for spec in fields(config):
+        declared = [name.strip() for name in str(spec.type).split("|")]
+        value = getattr(config, spec.name)
+        if (value is None and "None" in declared) or spec.name == "gate":
+            continue
+        if "bool" in declared:
+            ok = isinstance(value, bool)
+        else:
+            kinds = tuple(kind for name in declared for kind in _KINDS.get(name, ()))
+            ok = isinstance(value, kinds) and not isinstance(value, bool)
+        if ok and "float" in declared and not math.isfinite(value):
+            raise ConfigError(f"{spec.name} must be a finite number, not {value!r}")
+        if not ok:
+            raise ConfigError(
+                f"{spec.name} must be {' or '.join(declared)}, not {type(value).__name__}"
+            )

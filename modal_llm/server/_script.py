@@ -73,9 +73,16 @@ class StreamReply:
     end: StreamEnd = "done"
 
     def __post_init__(self) -> None:
+        if isinstance(self.pieces, (str, bytes)):  # iterating it would stream characters
+            raise ConfigError(
+                f"StreamReply pieces must be a list of strings, not a {type(self.pieces).__name__}"
+                f" (one piece: StreamReply([{self.pieces!r}]))"
+            )
         object.__setattr__(self, "pieces", tuple(self.pieces))
         if not all(isinstance(piece, str) for piece in self.pieces):
             raise ConfigError("StreamReply pieces must be strings")
+        for piece in self.pieces:
+            _check_sendable(piece, "a StreamReply piece")
         if self.end not in ("done", "drop", "error"):
             raise ConfigError(
                 f'StreamReply end must be "done", "drop" or "error", not {self.end!r}'
@@ -94,7 +101,19 @@ def check_entry(entry: object, index: int) -> ScriptEntry:
         )
     if isinstance(entry, int) and not (entry == 200 or 400 <= entry <= 599):
         raise ConfigError(f"script[{index}]: a status must be 200 or 400-599, not {entry}")
+    if isinstance(entry, (str, dict)):
+        _check_sendable(entry, f"script[{index}]")
     return entry
+
+
+def _check_sendable(reply: str | dict[str, Any], what: str) -> None:
+    """Refuse a reply the endpoint could not send (a lone surrogate, a value JSON cannot
+    hold, such as a set): it would crash the handler on every request that drew it, a 500
+    far from the mistake."""
+    try:
+        json.dumps(reply, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise ConfigError(f"{what} cannot be sent as UTF-8 JSON: {exc}") from None
 
 
 class Script:

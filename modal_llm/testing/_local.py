@@ -134,7 +134,7 @@ class AsyncLocalEndpoint(BaseLocalEndpoint):
 
         async with local_endpoint(script=[429, "hello"]) as endpoint:
             async with AsyncClient(endpoint.url) as client:
-                assert (await client.generate("hi")).text == "hello"
+                assert await client.generate("hi") == "hello"
             assert [r.status for r in endpoint.posts] == [429, 200]
     """
 
