@@ -6,7 +6,7 @@ import base64
 import re
 from collections.abc import Mapping
 from typing import Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 __all__ = [
     "CREDENTIAL_HEADERS",
@@ -15,6 +15,7 @@ __all__ = [
     "origin",
     "same_origin",
     "secret_values",
+    "unmask_url",
     "url_has_credentials",
 ]
 
@@ -47,31 +48,69 @@ def same_origin(a: str, b: str) -> bool:
     return origin(a) == origin(b)
 
 
-_SECRET_NAME: Final = re.compile(
-    r"key|token|secret|auth|cookie|passw|session|signature|credential", re.IGNORECASE
+_SECRET_WORDS: Final = frozenset(
+    {
+        "key",
+        "apikey",
+        "token",
+        "secret",
+        "auth",
+        "authorization",
+        "authentication",
+        "cookie",
+        "password",
+        "passwd",
+        "session",
+        "signature",
+        "credential",
+        "credentials",
+    }
 )
-"""A header name that looks like it carries a credential (``X-Api-Key``, ``X-Auth-Token``)."""
-_NOT_SECRET: Final = frozenset({"idempotency-key"})
-"""Names the pattern matches that carry no secret: the client's own per-call key."""
+"""Words of a header name (split at ``-``, ``_``, ``.``) that say it carries a credential:
+``X-Api-Key``, ``X-Auth-Token``, ``X-Session-Id``; never ``X-Keyword`` or ``X-Author``."""
+_NOT_SECRET: Final = frozenset({"idempotency-key", "modal-routing-affinity-key"})
+"""Names with such a word that carry no secret: the client's own per-call key, Modal's
+routing header (contract section 3)."""
+_WORD_SPLIT: Final = re.compile(r"[-_.]")
 
 
 def is_credential_header(name: str) -> bool:
     """The one notion of a credential header a request sends (any letter case).
 
-    ``CREDENTIAL_HEADERS`` and any name that looks secret (``X-Api-Key``,
-    ``X-Auth-Token``, ``X-Session-Id``...). Such a header is stripped from every request
-    to another origin, its value masked wherever a server echoes it, and refused where
-    Ray would pickle it.
+    ``CREDENTIAL_HEADERS`` and any name with a secret word (``_SECRET_WORDS``). Such a
+    header is stripped from every request to another origin, its value masked wherever
+    a server echoes it, and refused where Ray would pickle it.
     """
     lower = name.lower()
     if lower in CREDENTIAL_HEADERS:
         return True
-    return _SECRET_NAME.search(lower) is not None and lower not in _NOT_SECRET
+    if lower in _NOT_SECRET:
+        return False
+    return not _SECRET_WORDS.isdisjoint(_WORD_SPLIT.split(lower))
 
 
 def strip_credentials(headers: dict[str, str]) -> dict[str, str]:
     """A copy of ``headers`` without any credential header (``is_credential_header``)."""
     return {k: v for k, v in headers.items() if not is_credential_header(k)}
+
+
+def unmask_url(url: str, endpoint_url: str) -> str:
+    """``url`` with each query value masked as ``***`` (``.result_url`` of an error) given
+    back from ``endpoint_url``'s own query, when both share its origin: the client knows
+    those values, so a masked result URL still resumes."""
+    if "***" not in url or not same_origin(url, endpoint_url):
+        return url
+    own: dict[str, str] = {}
+    for pair in urlsplit(endpoint_url).query.split("&"):
+        name, sep, value = pair.partition("=")
+        if sep:
+            own.setdefault(name, value)
+    parts = urlsplit(url)
+    query = []
+    for pair in parts.query.split("&"):
+        name, sep, value = pair.partition("=")
+        query.append(f"{name}={own[name]}" if sep and value == "***" and name in own else pair)
+    return urlunsplit(parts._replace(query="&".join(query)))
 
 
 def url_has_credentials(url: str) -> bool:

@@ -25,6 +25,7 @@ from collections.abc import (
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, overload
 
+from ._auth import unmask_url
 from ._batch import BatchResult, ProgressCallback, PromptLike, gather_bounded
 from ._call import Call, Redirect, deadline_error, deadline_expired
 from ._config import (
@@ -137,8 +138,11 @@ class AsyncClient(PooledClient):
         budget = self._options.max_redirects if max_redirects is None else max_redirects
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ConfigError(f"max_redirects must be an int >= 1, not {max_redirects!r}")
+        if not isinstance(result_url, str):
+            raise ConfigError(f"result_url must be a str, not {type(result_url).__name__}")
         call = self._calls.resume(timeout)
-        redirect = Redirect(303, result_url, self._url)
+        # A masked .result_url (query auth) gets this client's own query values back.
+        redirect = Redirect(303, unmask_url(result_url, self._url), self._url)
         self._transport_for_loop()  # opens the session, which decides telemetry
         if self._telemetry is not None:
             call.observer = self._observe(call, None, {}, None)

@@ -32,7 +32,8 @@ def _shown_url(url: str) -> str:
         kept = []
         for pair in query.split("&"):
             name, eq, _ = pair.partition("=")
-            kept.append(pair if name == "__modal_function_call_id" else f"{name}{eq}***")
+            masked = f"{name}=***" if eq else "***"  # a bare "?token" item is a value
+            kept.append(pair if name == "__modal_function_call_id" or not pair else masked)
         query = "&".join(kept)
     return f"{head}{sep}{authority}{path}{question}{query}{hash_}{fragment and '***'}"
 
@@ -114,6 +115,11 @@ def validate_endpoint_url(url: str, *, source: str = "") -> SplitResult:
         where = f" (from ${source})" if source else ""
         raise ConfigError(f"endpoint URL {_shown_url(url)!r}{where} is malformed: {problem}")
     parts = urlsplit(url)
+    if any(pair.partition("=")[2] == "***" or pair == "***" for pair in parts.query.split("&")):
+        raise ConfigError(
+            f"endpoint URL {_shown_url(url)!r} is malformed: a query value is '***', a masked "
+            "value copied from a repr or an error"
+        )
     if parts.username or parts.password:
         raise ConfigError("endpoint_url must not carry credentials; use modal_key/modal_secret")
     return parts

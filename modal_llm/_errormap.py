@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import Protocol
+from typing import Final, Protocol
 
 import aiohttp
 from aiohttp.http_exceptions import ContentEncodingError
@@ -19,6 +19,7 @@ from ._exceptions import (
     ModalLLMError,
     RedirectError,
     TransportError,
+    printable,
 )
 
 __all__ = ["ErrorMap", "TransportState"]
@@ -73,7 +74,7 @@ class ErrorMap:
         """
         if isinstance(exc, (ModalLLMError, asyncio.CancelledError)):
             return None
-        if not isinstance(exc, (aiohttp.ClientError, OSError, asyncio.TimeoutError, RuntimeError)):
+        if not isinstance(exc, _RAISED_BY_AIOHTTP):
             return None
         return self.translate(exc)
 
@@ -107,13 +108,29 @@ class ErrorMap:
                 url=url,
             )
         if isinstance(exc, aiohttp.ClientResponseError):
+            # aiohttp words it "400, message='Bad status line:\n...', url=...": a status
+            # nobody sent and the URL again. Its message's own lines up to the raw bytes.
             return ConnectError(
-                f"malformed HTTP reply: {_first_line(exc)}", before_response=False, url=url
+                f"malformed HTTP reply: {_parser_message(exc.message)}",
+                before_response=False,
+                url=url,
             )
         if isinstance(exc, RuntimeError) and "closed" in str(exc).lower():
             return ClientClosedError(f"session closed: {exc}", url=url)
         if isinstance(exc, RuntimeError):
             raise exc
+        if isinstance(exc, (ValueError, ArithmeticError)):
+            # yarl/idna (a host label over 63 characters: UnicodeError), a timer's
+            # OverflowError...: what aiohttp raises for a URL or value it cannot send.
+            if isinstance(exc, UnicodeError):  # "... codec failed (UnicodeError: label too long)"
+                detail = f"invalid host name: {str(exc).rpartition(': ')[2].rstrip(')')}"
+            else:
+                detail = f"{type(exc).__name__}: {_first_line(exc)}"
+            if url != self.transport.endpoint_url:  # a Location the server sent
+                return RedirectError(
+                    f"redirect to a malformed URL ({detail})", url=self.transport.endpoint_url
+                )
+            return ConfigError(f"cannot send the request ({detail})", url=url)
         return TransportError(f"{type(exc).__name__}: {_first_line(exc)}", url=url)
 
     def _payload_error(self, exc: aiohttp.ClientPayloadError) -> ModalLLMError:
@@ -147,6 +164,32 @@ def _bytes_read(resp: aiohttp.ClientResponse) -> str:
     return f"{received} bytes"
 
 
+_RAISED_BY_AIOHTTP: Final = (
+    aiohttp.ClientError,
+    OSError,
+    asyncio.TimeoutError,
+    RuntimeError,
+    ValueError,
+    ArithmeticError,
+)
+"""Every builtin error aiohttp, yarl or idna raises while sending or reading (what
+``mapped`` translates; anything else, a ``TypeError`` say, is a bug and passes)."""
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else ""
+    return printable(text.splitlines()[0][:200]) if text else ""
+
+
+def _parser_message(message: object) -> str:
+    """An HTTP parser's message as one line: ``Bad status line: Invalid status code``,
+    without the raw bytes and the caret line it adds below."""
+    kept = []
+    for line in str(message).splitlines():
+        line = line.strip()
+        if line.startswith(("b'", 'b"', "^")):
+            break
+        line = line.split(" b'")[0].split(' b"')[0].rstrip(":. ")  # no raw bytes inline
+        if line:
+            kept.append(line)
+    return printable(": ".join(kept)[:200]) or "unreadable"

@@ -165,9 +165,10 @@ def mask_error(error: BaseException, secrets: tuple[str, ...]) -> None:
     """Mask ``secrets`` in every text an error carries, its causes' included (in place).
 
     The one place an error leaving the client is cleaned, whatever path raised it: the
-    message, ``args``, every string attribute (``body_excerpt``, ``server_message``,
-    ``partial_text``...) and the values of ``headers``, so neither ``str()``, ``repr()``
-    nor an attribute shows them.
+    message, ``args``, every string attribute (``body_excerpt``, ``server_message``...)
+    and the values of ``headers``, so neither ``str()``, ``repr()`` nor an attribute
+    shows them. Not ``partial_text``: it is the text the caller was already handed,
+    piece by piece, and a salvaged text must never differ from it.
     """
     if not secrets:
         return
@@ -178,6 +179,8 @@ def mask_error(error: BaseException, secrets: tuple[str, ...]) -> None:
         if isinstance(current, ModalLLMError):
             state = current.__dict__
             for name, value in state.items():
+                if name == "partial_text":
+                    continue
                 if isinstance(value, str) and value:
                     state[name] = mask_text(value, secrets)
                 elif isinstance(value, Headers):  # a reply header echoing what we sent
@@ -381,7 +384,7 @@ class StatusError(ModalLLMError):
     ) -> None:
         self.status_code = status_code
         self.retry_after = retry_after
-        self.reason = reason
+        self.reason = reason = printable(reason)
         self.body_excerpt = excerpt(body)
         self.headers: Headers = redact_headers(headers or {})
         super().__init__(f"{status_code} {reason}".strip(), url=url, attempts=attempts)

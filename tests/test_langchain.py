@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import copy
 import gc
+import hashlib
 import json
 import logging
 import subprocess
@@ -420,6 +421,10 @@ def test_the_endpoint_urls_query_values_are_never_shown(
     assert "token=***" in repr(llm)
     other = cls(endpoint_url=url.replace(token, "qs-another-token"))
     assert other._identifying_params != llm._identifying_params  # the LLM cache keeps apart
+    plain = hashlib.sha256(url.encode()).hexdigest()[:16]  # keyed: guessing it is no use
+    assert llm._identifying_params["endpoint_digest"] != plain
+    with pytest.raises(ValidationError, match="masked"):  # never sends the mask (R16)
+        cls.model_validate(llm.model_dump())
     again = loads(  # the URL is serialized as a secret, as modal_key is
         dumps(llm),
         secrets_map={"MODAL_LLM_ENDPOINT_URL": url},

@@ -161,6 +161,12 @@ def test_credentials_are_refused_as_arguments(options: dict[str, Any]) -> None:
         generate(ray.data.from_items([{"prompt": "x"}]), "http://127.0.0.1:9/", **options)
 
 
+def test_modals_routing_header_is_not_a_credential() -> None:
+    # Contract section 3's per-request header (review R17).
+    headers = {"Modal-Routing-Affinity-Key": "conversation-42"}
+    Generator("http://127.0.0.1:9/", client_options={"headers": headers})
+
+
 @pytest.mark.parametrize(
     "url", [f"http://127.0.0.1:9/?token={SECRET}", f"http://user:{SECRET}@127.0.0.1:9/"]
 )

@@ -8,7 +8,8 @@ Neither class has HTTP, retry or parsing logic of its own: every call goes throu
 from __future__ import annotations
 
 import copy
-import hashlib
+import hmac
+import os
 import threading
 import warnings
 from collections.abc import (
@@ -58,6 +59,11 @@ __all__ = ["ModalBase", "UnsupportedFeatureError"]
 
 _RESERVED_KWARGS: Final = frozenset({"prompt", "headers", "timeout"})
 """Keys ``model_kwargs`` cannot hold: the client takes them as its own arguments."""
+
+
+_DIGEST_KEY: Final = os.urandom(16)
+"""Keys ``endpoint_digest``: per process, so a digest never helps guess a short secret
+(an in-memory LLM cache keeps working; a persistent one misses across processes)."""
 
 
 class UnsupportedFeatureError(ModalLLMError, NotImplementedError):
@@ -198,12 +204,12 @@ class ModalBase(Batches, BaseModel):
 
     def _endpoint_params(self) -> dict[str, Any]:
         """``endpoint_url`` as reprs, params and callbacks show it: a URL that carries a
-        credential is masked, with a digest so that two such endpoints stay apart (the
-        LLM cache keys on these params)."""
+        credential is masked, with a keyed digest so that two such endpoints stay apart
+        (the LLM cache keys on these params)."""
         url = self.endpoint_url
         if not url_has_credentials(url):
             return {"endpoint_url": url}
-        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+        digest = hmac.new(_DIGEST_KEY, url.encode(), "sha256").hexdigest()[:16]
         return {"endpoint_url": redact_url(url), "endpoint_digest": digest}
 
     @property
