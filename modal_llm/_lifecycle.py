@@ -111,13 +111,15 @@ class PooledClient:
     async def aclose(self) -> None:
         """Close the connection pool. Idempotent; the client cannot be used afterwards.
 
-        Streams still open are cut (their next read raises ``StreamInterruptedError``).
+        Streams still open are cut at once (``StreamInterruptedError``, ``ended_by="client"``)
+        and calls reading a reply end with ``ClientClosedError``.
         """
         session, self._session = self._session, None
         self._state = State.CLOSED
         if self._transport is not None:
             self._transport.closed = True
         if session is not None and not session.closed:
+            _wake_body_readers(session)
             await session.close()
 
     def __del__(self, _warnings: Any = warnings) -> None:
@@ -165,3 +167,17 @@ class PooledClient:
         self._loop = loop
         self._state = State.OPENED
         return transport
+
+
+def _wake_body_readers(session: aiohttp.ClientSession) -> None:
+    """End every read of a reply body in flight with a connection error (then mapped to
+    ``ClientClosedError``, or a stream's ``StreamInterruptedError(ended_by="client")``).
+
+    aiohttp's close drops each connection's body reader without waking it (its
+    ``ResponseHandler.close`` forgets the payload before ``connection_lost``), so a call
+    reading a body would wait forever. Only on close: nothing is tracked per call.
+    """
+    for protocol in list(getattr(session.connector, "_acquired", ())):
+        payload = getattr(protocol, "_payload", None)
+        if payload is not None and payload.exception() is None:
+            payload.set_exception(aiohttp.ClientConnectionError("the client was closed"))
