@@ -38,6 +38,10 @@ LIBRARY_PRIVATES: Final = {
     "manager; awaited directly, a request costs ~2 % less (pinned by tests/client/test_send.py)",
     ("modal_llm/_lifecycle.py", "_close"): "PooledClient.__del__ closes the connector without "
     "aiohttp's 'Unclosed connector' warning (issue 12.10)",
+    ("modal_llm/_lifecycle.py", "_acquired"): "aclose() wakes the body readers of the "
+    "connections in use, which aiohttp's close drops unwoken (review R24)",
+    ("modal_llm/_lifecycle.py", "_payload"): "the body reader of a connection in use, woken "
+    "by aclose() (review R24)",
 }
 
 
