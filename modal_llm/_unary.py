@@ -56,9 +56,15 @@ async def post_and_follow(
             send = partial(transport.fetch, "POST", url, call.body, call)
             clock = asyncio.get_running_loop().time
             reply, attempts = await send_with_retries(send, call, retry, clock)
-        if isinstance(reply, Redirect):
-            return await follow(transport, reply, call, url, retry, max_redirects, parse), attempts
-        return parse(reply), attempts
+        try:
+            if isinstance(reply, Redirect):
+                text = await follow(transport, reply, call, url, retry, max_redirects, parse)
+                return text, attempts
+            return parse(reply), attempts
+        except ModalLLMError as exc:  # a reply that breaks the contract, a refused redirect
+            if exc.attempts is None:
+                exc.attempts = attempts  # the POST's, as every other error of the call says
+            raise
     except ModalLLMError as exc:
         mask_error(exc, call.secrets)
         raise

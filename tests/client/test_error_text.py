@@ -18,6 +18,7 @@ from modal_llm import (
     AsyncClient,
     ConfigError,
     ConnectError,
+    ContractError,
     RedirectError,
     ResultPendingError,
     StatusError,
@@ -25,7 +26,7 @@ from modal_llm import (
 )
 from modal_llm._auth import is_credential_header
 
-from ..conftest import MakeEndpoint
+from ..conftest import NO_WAIT, MakeEndpoint
 
 LONG_LABEL_HOST = "a" * 64 + ".example"
 
@@ -174,3 +175,23 @@ async def test_partial_text_is_exactly_the_delivered_text(make_endpoint: MakeEnd
                 async for piece in stream:
                     pieces.append(piece)
     assert info.value.partial_text == "".join(pieces) == "I am llama, ask me"
+
+
+async def test_a_contract_break_after_a_retry_says_how_many_attempts(
+    make_endpoint: MakeEndpoint,
+) -> None:
+    # Review R15: the unary path left .attempts None on a ContractError from the parse.
+    seen: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(1)
+        if len(seen) % 2:
+            return web.Response(status=503, headers={"Retry-After": "0"}, text="busy")
+        return web.json_response({"prompt": 5})
+
+    async with AsyncClient(await make_endpoint(handler), retry=NO_WAIT) as c:
+        with pytest.raises(ContractError) as info:
+            await c.generate("hi")
+        assert info.value.attempts == 2 and "after 2 attempts" in str(info.value)
+        [result] = [r async for r in c.map(["hi"])]
+        assert result.attempts == 2 and result.error is not None
