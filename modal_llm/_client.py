@@ -192,6 +192,8 @@ class AsyncClient(PooledClient):
         the remaining calls are cancelled.
         """
         self._session_for_loop()
+        if isinstance(prompts, str) or not hasattr(prompts, "__iter__"):
+            raise ConfigError(f"prompts must be an iterable of str, not {type(prompts).__name__}")
 
         # Each item awaits generate's own coroutine (no wrapper per item).
         one = partial(self.generate, stop=stop, headers=headers, timeout=timeout, **extra)

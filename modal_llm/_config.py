@@ -300,6 +300,8 @@ def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     """Copy ``headers``, rejecting names or values that could split the header block."""
     if not headers:
         return {}
+    if not isinstance(headers, Mapping):
+        raise ConfigError(f"headers must be a mapping of str to str, not {type(headers).__name__}")
     for name, value in headers.items():
         _check_header(name, value)
     return dict(headers)

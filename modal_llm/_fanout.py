@@ -248,6 +248,8 @@ class FanOutPlan:
             _require_tqdm()
         if total is not None and (isinstance(total, bool) or not isinstance(total, int)):
             raise ConfigError(f"total must be an int or None, not {total!r}")
+        if on_progress is not None and not callable(on_progress):  # before any request
+            raise ConfigError(f"on_progress must be callable or None, not {on_progress!r}")
         return cls(
             workers=workers,
             window=DEFAULT_WINDOW_FACTOR * workers if window is None else window,

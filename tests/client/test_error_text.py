@@ -195,3 +195,23 @@ async def test_a_contract_break_after_a_retry_says_how_many_attempts(
         assert info.value.attempts == 2 and "after 2 attempts" in str(info.value)
         [result] = [r async for r in c.map(["hi"])]
         assert result.attempts == 2 and result.error is not None
+
+
+async def test_wrong_typed_arguments_are_config_errors_before_anything_is_sent(
+    make_endpoint: MakeEndpoint,
+) -> None:
+    # Review R5: bare AttributeError/TypeError, and map's on_progress found after every POST.
+    posts: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        posts.append(1)
+        return web.json_response({"prompt": "ok"})
+
+    async with AsyncClient(await make_endpoint(handler)) as c:
+        with pytest.raises(ConfigError, match="headers must be a mapping"):
+            await c.generate("hi", headers=[("X-A", "1")])  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="on_progress must be callable"):
+            [r async for r in c.map(["a", "b"], on_progress=5)]  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="prompts must be an iterable"):
+            await c.generate_many(5)  # type: ignore[call-overload]
+    assert posts == []
