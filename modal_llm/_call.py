@@ -238,6 +238,11 @@ class CallFactory:
         base = self._stream_headers if streaming else self._headers
         extra_headers = validate_headers(headers)
         call = self.new(kind, body, {**base, **extra_headers, **_CALL_HEADERS}, timeout, on_attempt)
+        for name in extra_headers:  # the caller's own key for this call: kept for every attempt
+            if name.lower() == "idempotency-key" and name != IDEMPOTENCY_HEADER:
+                call.headers[IDEMPOTENCY_HEADER] = call.headers.pop(name)
+            elif name == IDEMPOTENCY_HEADER:
+                call.headers[IDEMPOTENCY_HEADER] = extra_headers[name]
         more = secret_values(extra_headers, "")
         if more:  # this call's own credential-like headers are masked too
             call.secrets = tuple(sorted({*call.secrets, *more}, key=len, reverse=True))

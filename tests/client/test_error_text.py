@@ -215,3 +215,21 @@ async def test_wrong_typed_arguments_are_config_errors_before_anything_is_sent(
         with pytest.raises(ConfigError, match="prompts must be an iterable"):
             await c.generate_many(5)  # type: ignore[call-overload]
     assert posts == []
+
+
+@pytest.mark.parametrize("name", ["Idempotency-Key", "idempotency-key"])
+async def test_a_callers_own_idempotency_key_is_sent_on_every_attempt(
+    make_endpoint: MakeEndpoint, name: str
+) -> None:
+    # Review R11: a per-call key was silently replaced by the generated one.
+    keys: list[list[str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        keys.append(request.headers.getall("Idempotency-Key"))
+        if len(keys) == 1:
+            return web.Response(status=503, headers={"Retry-After": "0"}, text="busy")
+        return web.json_response({"prompt": "ok"})
+
+    async with AsyncClient(await make_endpoint(handler), retry=NO_WAIT) as c:
+        assert await c.generate("hi", headers={name: "job-42"}) == "ok"
+    assert keys == [["job-42"], ["job-42"]]
