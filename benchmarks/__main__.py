@@ -158,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         plan = _plan(args)
         started = time.monotonic()
+        started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")  # the report's "started": now
         runner = Runner(plan, _log)
         records = runner.run()
         data = {
             "meta": {
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "started": started_at,
                 "duration_s": time.monotonic() - started,
                 "argv": sys.argv[1:] if argv is None else argv,
                 "machine": machine_info(),
