@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
 from ._auth import same_origin, strip_credentials
+from ._config import RetryPolicy
 from ._endpoint import url_problem
-from ._exceptions import RedirectError, ResultPendingError, redact_url
+from ._exceptions import ModalLLMError, RedirectError, ResultPendingError, redact_url
+from ._retry import is_retryable
 from ._send import REFUSED_REDIRECTS
 
 if TYPE_CHECKING:
@@ -58,3 +60,28 @@ def next_hop(redirect: Redirect, call: Call, endpoint_url: str, max_redirects: i
     call.headers.pop("Content-Type", None)
     log.debug("following %d to the result URL (hop %d)", redirect.status, hops)
     return target
+
+
+def poll_failed(
+    error: ModalLLMError, call: Call, endpoint_url: str, retry: RetryPolicy
+) -> ResultPendingError | None:
+    """What a GET of a result URL that failed past its retries becomes, if not itself.
+
+    A transient failure (one ``retry`` would have retried: a 5xx, a 429, a lost
+    connection, a timeout) says nothing about the work, which Modal keeps running: it
+    becomes ``ResultPendingError`` with the URL to ``resume()`` from and the failure as its
+    ``__cause__`` (the caller raises it ``from error``), so a job-level retry polls
+    instead of re-sending the prompt (contract §3: never pay for the work twice).
+    Anything else (a 404 for an expired result, a contract break) is the call's answer
+    and stays as it is: ``None``.
+    """
+    if call.result_url is None or not is_retryable(error, retry):
+        return None
+    tries = f" after {error.attempts} attempts" if error.attempts and error.attempts > 1 else ""
+    return ResultPendingError(
+        f"polling the result URL failed{tries} ({type(error).__name__}: {error.message}); "
+        "the work may still be running",
+        result_url=call.result_url,
+        hops=call.hops,
+        url=endpoint_url,
+    )

@@ -24,7 +24,7 @@ from ._exceptions import (
     mask_error,
     redact_url,
 )
-from ._redirects import next_hop
+from ._redirects import next_hop, poll_failed
 from ._retry import send_with_retries
 from ._send import Opened, Transport
 from ._stop import StopMatcher
@@ -283,7 +283,15 @@ async def _open(
         def attempt(n: int, method: str = method, url: str = url, data: Any = data) -> Any:
             return _open_once(transport, method, url, data, call, require_done, n)
 
-        outcome, attempts = await send_with_retries(attempt, call, retry, clock)
+        try:
+            outcome, attempts = await send_with_retries(attempt, call, retry, clock)
+        except ModalLLMError as exc:
+            if method == "POST":
+                raise
+            pending = poll_failed(exc, call, endpoint_url, retry)
+            if pending is None:
+                raise
+            raise pending from exc
         posts = posts or attempts  # as generate() counts: the POST's attempts
         if not isinstance(outcome, Redirect):
             outcome.attempts = posts

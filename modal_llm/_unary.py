@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from ._call import Call, Redirect, Reply
 from ._decoders import html_page_error, looks_like_html
 from ._exceptions import ContractError, ModalLLMError, mask_error
-from ._redirects import next_hop
+from ._redirects import next_hop, poll_failed
 from ._retry import retry_failed, send_with_retries
 
 if TYPE_CHECKING:
@@ -86,7 +86,13 @@ async def follow(
     while isinstance(reply, Redirect):
         target = next_hop(reply, call, url, max_redirects)
         send = partial(transport.fetch, "GET", target, None, call)
-        reply, _ = await send_with_retries(send, call, retry, clock)
+        try:
+            reply, _ = await send_with_retries(send, call, retry, clock)
+        except ModalLLMError as exc:
+            pending = poll_failed(exc, call, url, retry)
+            if pending is None:
+                raise
+            raise pending from exc
     return parse(reply)
 
 

@@ -156,3 +156,65 @@ async def test_a_malformed_location_is_a_redirect_error(
         with pytest.raises(RedirectError, match="redirect to a malformed URL"):
             async for _ in client.stream("hi"):
                 pass
+
+
+async def test_a_poll_that_fails_past_its_retries_is_result_pending() -> None:
+    """Review R13: every GET of the result URL answering 503 past the retries ended the
+    call with a plain ServerError (no result URL, retryable): a job-level retry re-sent the
+    prompt and paid for the work twice. Now ResultPendingError, resumable, from generate
+    and stream alike; the poll's error is its cause."""
+    from modal_llm import RetryPolicy, ServerError, is_retryable
+    from modal_llm.testing import local_endpoint
+
+    fast = RetryPolicy(max_retries=2, wait_initial=0, wait_max=0, jitter=0)
+    async with (
+        local_endpoint(
+            work_time=0.5, hop_time=0.05, poll_error_every=1, error_status=503
+        ) as endpoint,
+        AsyncClient(endpoint.url, retry=fast) as client,
+    ):
+        with pytest.raises(ResultPendingError, match="polling the result URL failed") as got:
+            await client.generate("expensive")
+        error = got.value
+        assert isinstance(error.__cause__, ServerError)
+        assert "after 3 attempts (ServerError: 503" in str(error)
+        assert error.attempts == 1  # the POST's, as every error of the call says
+        assert not is_retryable(error, fast)
+        endpoint.configure(poll_error_every=0)
+        done = await client.resume(error.result_url)
+        assert done.text and len(endpoint.posts) == 1  # the POST was never re-sent
+
+
+async def test_a_stream_whose_poll_fails_past_its_retries_is_result_pending(
+    make_endpoint: MakeEndpoint,
+) -> None:
+    gets = 0
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal gets
+        if request.method == "POST":
+            raise web.HTTPSeeOther(location="/?__modal_function_call_id=fc-busy")
+        gets += 1
+        raise web.HTTPServiceUnavailable(text="busy")
+
+    async with AsyncClient(await make_endpoint(handler), retry=NO_WAIT) as client:
+        with pytest.raises(ResultPendingError, match="polling the result URL failed") as got:
+            async for _ in client.stream("hi"):
+                pass
+    assert got.value.result_url.endswith("/?__modal_function_call_id=fc-busy")
+    assert gets == 1 + NO_WAIT.max_retries
+
+
+async def test_a_poll_answered_404_is_the_calls_answer(make_endpoint: MakeEndpoint) -> None:
+    """An expired result (404 on the result URL) is not pending: it stays a StatusError."""
+    from modal_llm import StatusError
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            raise web.HTTPSeeOther(location="/?__modal_function_call_id=fc-gone")
+        raise web.HTTPNotFound(text="no such function call")
+
+    async with AsyncClient(await make_endpoint(handler), retry=NO_WAIT) as client:
+        with pytest.raises(StatusError) as got:
+            await client.generate("hi")
+    assert got.value.status_code == 404 and not isinstance(got.value, ResultPendingError)
