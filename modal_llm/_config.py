@@ -294,10 +294,37 @@ def _check_header(name: str, value: str) -> None:
     if _HEADER_VALUE_FORBIDDEN.search(value):
         # Header injection: a CR/LF in a value would let it start a new header line.
         raise ConfigError(f"header {name!r} has a CR, LF, NUL or other control character")
+    if name.lower() in _FRAMING_HEADERS:
+        raise ConfigError(
+            f"header {name!r} cannot be set: the client frames and routes each request "
+            "itself (a Content-Length that does not match the body cuts it or hangs the call)"
+        )
+
+
+# Fields that describe the connection or the message's framing, not the request: RFC 9110
+# §7.6.1 (Connection and the hop-by-hop fields it names), §8.6 (Content-Length), §7.2
+# (Host), §10.1.1 (Expect), RFC 9112 §6.1 (Transfer-Encoding). Forwarded from an incoming
+# request they would desynchronise the connection, so ``headers=`` refuses them, as
+# httpx and requests compute them themselves.
+_FRAMING_HEADERS: Final = frozenset(
+    {
+        "connection",
+        "content-length",
+        "expect",
+        "host",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 
 
 def validate_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
-    """Copy ``headers``, rejecting names or values that could split the header block."""
+    """Copy ``headers``, rejecting names or values that could split the header block and
+    the connection and framing fields the client sets itself (``ConfigError``)."""
     if not headers:
         return {}
     if not isinstance(headers, Mapping):

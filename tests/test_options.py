@@ -78,3 +78,22 @@ def test_options_that_agree_are_accepted() -> None:
 def test_a_bad_max_retries_is_named_before_any_conflict() -> None:
     with pytest.raises(ConfigError, match="max_retries must be an int"):
         ClientOptions.build(URL, max_retries="2", retry=RetryPolicy())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Content-Length", "transfer-encoding", "Host", "Connection", "Keep-Alive", "TE", "Upgrade"],
+)
+async def test_framing_headers_are_refused_before_anything_is_sent(name: str) -> None:
+    """Review R30: a forwarded Content-Length that did not match the body cut it (422) or
+    left the endpoint waiting for bytes that never came; Host and Transfer-Encoding were
+    sent as given. Refused per call and per client, with nothing sent."""
+    from modal_llm.testing import local_endpoint
+
+    async with local_endpoint() as endpoint, AsyncClient(endpoint.url) as client:
+        with pytest.raises(ConfigError, match=f"header '{name}' cannot be set"):
+            await client.generate("hi", headers={name: "5"})
+        assert endpoint.posts == []
+        assert await client.generate("hi", headers={"X-Request-Id": "r-1"})
+    with pytest.raises(ConfigError, match="cannot be set"):
+        AsyncClient(endpoint.url, headers={name: "5"})
